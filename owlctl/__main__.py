@@ -1,0 +1,3 @@
+from owlctl.cli.main import run
+
+run()

@@ -1,0 +1,104 @@
+"""stdout carries results only; everything else (logs, hints, progress) goes to stderr."""
+
+from __future__ import annotations
+
+import json
+import sys
+from contextlib import contextmanager
+from typing import Any, Iterator
+
+from rich.console import Console
+
+out = Console(soft_wrap=True)  # results
+err = Console(stderr=True, soft_wrap=True)  # logs, warnings, progress
+
+_quiet = False
+
+
+def set_quiet(q: bool) -> None:
+    global _quiet
+    _quiet = q
+
+
+def quiet() -> bool:
+    return _quiet
+
+
+def log(msg: str) -> None:
+    if not _quiet:
+        err.print(msg, highlight=False)
+
+
+def warn(msg: str) -> None:
+    err.print(f"[yellow]warning:[/yellow] {msg}", highlight=False)
+
+
+def print_json(doc: Any) -> None:
+    sys.stdout.write(json.dumps(doc, indent=2, allow_nan=False) + "\n")
+    sys.stdout.flush()
+
+
+class Progress:
+    """Progress reporter handed to ops: a rich bar on stderr when it is a terminal and not quiet."""
+
+    def __init__(self) -> None:
+        self._enabled = (not _quiet) and err.is_terminal
+        self._progress = None
+
+    @contextmanager
+    def task(self, description: str, total: int | None) -> Iterator[Any]:
+        if not self._enabled:
+            yield _NullTask()
+            return
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress as RP, TextColumn, TimeElapsedColumn
+
+        with RP(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                TextColumn("{task.fields[info]}"), console=err, transient=False) as p:
+            tid = p.add_task(description, total=total, info="")
+            yield _RichTask(p, tid)
+
+
+class _NullTask:
+    def advance(self, n: int = 1, info: str | None = None) -> None:
+        pass
+
+
+class _RichTask:
+    def __init__(self, p: Any, tid: Any) -> None:
+        self.p, self.tid = p, tid
+
+    def advance(self, n: int = 1, info: str | None = None) -> None:
+        if info is None:
+            self.p.update(self.tid, advance=n)
+        else:
+            self.p.update(self.tid, advance=n, info=info)
+
+
+def handle_errors(fn):
+    """Decorator for command bodies: known failures -> message + hint on stderr, exit 1; Ctrl-C -> 130.
+
+    Unknown exceptions are bugs and keep their traceback. OWLCTL_DEBUG=1 shows tracebacks always.
+    """
+    import functools
+    import os
+
+    import typer
+
+    from owlctl.errors import OwlctlError
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except OwlctlError as e:
+            if os.environ.get("OWLCTL_DEBUG") == "1":
+                raise
+            err.print(f"[red]error:[/red] {e.message}", highlight=False)
+            if e.hint:
+                err.print(f"[dim]hint:[/dim] {e.hint}", highlight=False)
+            raise typer.Exit(1) from None
+        except KeyboardInterrupt:
+            err.print("[red]interrupted[/red]: no partial output was left behind", highlight=False)
+            raise typer.Exit(130) from None
+
+    return wrapper

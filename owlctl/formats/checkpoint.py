@@ -1,0 +1,123 @@
+"""Pruned checkpoints: a Hugging Face model directory that plain transformers loads, plus owlctl's records.
+
+Layout of a checkpoint written by owlctl:
+    config.json, generation_config.json, tokenizer files     (transformers' own)
+    model.safetensors (or shards + index)                     zeros stored densely; header metadata carries
+                                                              owlctl.version, owlctl.allocation (JSON) and
+                                                              owlctl.allocation_sha256
+    allocation.json                                           the allocation used (owlctl.allocation/1)
+    owlctl-report.json                                        realised sparsity per block and matrix
+    owlctl-source.json                                        the model it was pruned from
+The directory is built under a temporary name beside the target and renamed at the end, so an interrupted
+run leaves no half checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import struct
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+from owlctl import __version__
+from owlctl.errors import FormatError
+from owlctl.formats._io import check_schema, dumps, header, replace_dir_atomically, temp_dir_beside
+
+REPORT = "owlctl-report.json"
+ALLOCATION = "allocation.json"
+SOURCE = "owlctl-source.json"
+
+
+def _rewrite_safetensors_metadata(path: Path, extra: dict[str, str]) -> None:
+    """Add string entries to a safetensors file's ``__metadata__`` without loading its tensors."""
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        head = json.loads(f.read(n))
+        meta = dict(head.get("__metadata__") or {})
+        meta.update(extra)
+        head["__metadata__"] = meta
+        raw = json.dumps(head, separators=(",", ":")).encode()
+        raw += b" " * ((8 - len(raw) % 8) % 8)  # keep the data 8-byte aligned
+        tmp = path.with_name(path.name + ".tmp")
+        with open(tmp, "wb") as g:
+            g.write(struct.pack("<Q", len(raw)))
+            g.write(raw)
+            shutil.copyfileobj(f, g, 1 << 24)
+    os.replace(tmp, path)
+
+
+def read_safetensors_metadata(path: Path) -> dict[str, str]:
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        if n > 100_000_000:
+            raise FormatError(f"{path} is not a safetensors file")
+        return dict(json.loads(f.read(n)).get("__metadata__") or {})
+
+
+@contextmanager
+def checkpoint_writer(output: Path, force: bool) -> Iterator[Path]:
+    """Yield a temporary directory; on success it replaces ``output``; on any failure it is removed."""
+    tmp = temp_dir_beside(output)
+    try:
+        yield tmp
+        replace_dir_atomically(tmp, output, force)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def save_checkpoint(model: Any, tokenizer: Any, output: Path, *, force: bool, allocation: dict | None,
+                    report: dict | None, source: dict, dtype: Any = None) -> Path:
+    from owlctl.formats.allocation import allocation_sha256
+
+    with checkpoint_writer(output, force) as tmp:
+        if dtype is not None:
+            model.to(dtype)
+        model.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        meta = {"owlctl.version": __version__}
+        if allocation is not None:
+            meta["owlctl.allocation"] = json.dumps(allocation, separators=(",", ":"))
+            meta["owlctl.allocation_sha256"] = allocation_sha256(allocation)
+            (tmp / ALLOCATION).write_text(dumps(allocation))
+        for st in tmp.glob("*.safetensors"):
+            _rewrite_safetensors_metadata(st, meta)
+        if report is not None:
+            (tmp / REPORT).write_text(dumps(report))
+        (tmp / SOURCE).write_text(dumps(source))
+    return output
+
+
+def read_checkpoint_records(path: Path) -> dict:
+    """owlctl's records of a checkpoint directory: allocation (from safetensors metadata, else the sidecar),
+    report and source. Missing records are None (e.g. a checkpoint not written by owlctl)."""
+    path = Path(path)
+    allocation = None
+    sts = sorted(path.glob("*.safetensors"))
+    if sts:
+        meta = read_safetensors_metadata(sts[0])
+        if "owlctl.allocation" in meta:
+            try:
+                allocation = json.loads(meta["owlctl.allocation"])
+            except json.JSONDecodeError:
+                raise FormatError(f"{sts[0]}: owlctl.allocation metadata is not valid JSON") from None
+    if allocation is None and (path / ALLOCATION).is_file():
+        allocation = json.loads((path / ALLOCATION).read_text())
+    if allocation is not None:
+        check_schema(allocation, "allocation", source=str(path))
+    report = json.loads((path / REPORT).read_text()) if (path / REPORT).is_file() else None
+    if report is not None:
+        check_schema(report, "report", source=str(path / REPORT))
+    source = json.loads((path / SOURCE).read_text()) if (path / SOURCE).is_file() else None
+    return {"allocation": allocation, "report": report, "source": source}
+
+
+def report_doc(model_info: dict, method: str, pattern: dict, blocks: list[dict], seconds: dict) -> dict:
+    total = sum(b["numel"] for b in blocks)
+    zeros = sum(b["zeros"] for b in blocks)
+    return {**header("report"), "model": model_info, "method": method, "pattern": pattern,
+            "realised_sparsity": zeros / total if total else 0.0, "blocks": blocks, "seconds": seconds}

@@ -1,0 +1,66 @@
+"""Tiny random models built from config (tens of thousands of parameters) and a byte-level tokenizer,
+saved as ordinary Hugging Face directories so every owlctl command can load them offline."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "opt", "gpt_neox")
+VOCAB = 260  # 256 bytes + 4 specials
+
+TEXT = (
+    "The quick brown fox jumps over the lazy dog. Pruning removes weights that matter least. "
+    "Outliers are rare features with very large magnitude, and layers differ in how many they carry. "
+) * 60
+
+
+def byte_tokenizer():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from tokenizers.pre_tokenizers import ByteLevel
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = ByteLevel.alphabet()
+    vocab = {ch: i for i, ch in enumerate(sorted(alphabet))}
+    for j, sp in enumerate(["<unk>", "<s>", "</s>", "<pad>"]):
+        vocab[sp] = 256 + j
+    tk = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tk.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
+                                   pad_token="<pad>")
+
+
+def tiny_config(model_type: str, layers: int = 3):
+    from transformers import AutoConfig
+
+    common = dict(vocab_size=VOCAB, num_hidden_layers=layers, max_position_embeddings=512, bos_token_id=257,
+                  eos_token_id=258, pad_token_id=259, tie_word_embeddings=False)
+    if model_type == "opt":
+        return AutoConfig.for_model("opt", hidden_size=64, ffn_dim=128, num_attention_heads=4,
+                                    word_embed_proj_dim=64, **common)
+    if model_type == "gpt_neox":
+        return AutoConfig.for_model("gpt_neox", hidden_size=64, intermediate_size=128, num_attention_heads=4,
+                                    rotary_pct=0.5, **common)
+    kw = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2, head_dim=16)
+    if model_type in ("gemma2", "gemma3_text"):
+        kw.update(sliding_window=64, query_pre_attn_scalar=16)
+    if model_type == "phi3":
+        kw.pop("head_dim")
+    return AutoConfig.for_model(model_type, **kw, **common)
+
+
+def make_tiny_model(model_type: str, path: Path, seed: int = 0, layers: int = 3) -> Path:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(model_type, layers))
+    with torch.no_grad():  # give some input channels outlier-like scale, as real LLMs have
+        for name, p in model.named_parameters():
+            if p.dim() == 2 and "embed" not in name:
+                p.mul_(1.0 + 4.0 * (torch.rand(p.shape[1]) > 0.95).float())
+    model.eval()
+    path = Path(path)
+    model.save_pretrained(path)
+    byte_tokenizer().save_pretrained(path)
+    return path
