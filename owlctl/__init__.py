@@ -6,12 +6,14 @@ package is cheap; torch and transformers load only when a function that needs th
 
 __version__ = "0.1.0"
 
-_OPS = {"profile", "allocate", "prune", "nm", "evaluate", "finetune", "export", "bench"}
+# function name -> module in owlctl.ops
+_OPS = {"profile": "profile", "allocate": "allocate", "prune": "prune", "nm": "prune", "evaluate": "evaluate",
+        "finetune": "finetune", "export": "export", "bench": "bench"}
 
 
 def __getattr__(name: str):  # lazy: `import owlctl` must not import torch
     if name in _OPS:
-        from owlctl import ops
+        import importlib
 
-        return getattr(ops, name)
+        return getattr(importlib.import_module(f"owlctl.ops.{_OPS[name]}"), name)
     raise AttributeError(f"module 'owlctl' has no attribute {name!r}")

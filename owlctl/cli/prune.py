@@ -43,11 +43,10 @@ Examples:
 def _run(kind: str, **kw: Any) -> None:
     json_out = kw.pop("json_out")
     console.set_quiet(kw.pop("quiet"))
-    from owlctl import ops
-    from owlctl.ops.prune import PruneConfig
+    from owlctl.ops import prune as prune_ops
 
-    cfg = PruneConfig(**kw)
-    res = getattr(ops, kind)(cfg, progress=console.Progress())
+    cfg = prune_ops.PruneConfig(**kw)
+    res = getattr(prune_ops, kind)(cfg, progress=console.Progress())
     res = {k: v for k, v in res.items() if not k.startswith("_")}
     if json_out:
         console.print_json(res)

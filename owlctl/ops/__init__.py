@@ -1,20 +1,9 @@
-"""The Python API: one function per subcommand, a frozen config dataclass in, a result document out.
+"""The Python API: one module per subcommand, each with a frozen config dataclass and one function.
 
     import owlctl
-    doc = owlctl.profile(owlctl.ops.profile.ProfileConfig(model="builtin:smollm2-135m", output=...))
+    from owlctl.ops.prune import PruneConfig
+    summary = owlctl.prune(PruneConfig(model="builtin:smollm2-135m", output=None, uniform=True, target_sparsity=0.5))
 
-Submodules import torch lazily, so `import owlctl.ops` is cheap.
+The functions are re-exported lazily at the top level (``owlctl.prune``, ``owlctl.profile`` ...); here they
+live in their modules (``owlctl.ops.prune.prune``), which import torch only when called.
 """
-
-from __future__ import annotations
-
-import importlib
-
-_FUNCS = {"profile": "profile", "allocate": "allocate", "prune": "prune", "nm": "prune",
-          "evaluate": "evaluate", "finetune": "finetune", "export": "export", "bench": "bench"}
-
-
-def __getattr__(name: str):
-    if name in _FUNCS:
-        return getattr(importlib.import_module(f"owlctl.ops.{_FUNCS[name]}"), name)
-    raise AttributeError(f"module 'owlctl.ops' has no attribute {name!r}")
