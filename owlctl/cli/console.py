@@ -25,12 +25,15 @@ def quiet() -> bool:
 
 
 def log(msg: str) -> None:
+    """A plain message on stderr (no rich markup is interpreted in ``msg``)."""
     if not _quiet:
-        err.print(msg, highlight=False)
+        err.print(msg, highlight=False, markup=False)
 
 
 def warn(msg: str) -> None:
-    err.print(f"[yellow]warning:[/yellow] {msg}", highlight=False)
+    from rich.markup import escape
+
+    err.print(f"[yellow]warning:[/yellow] {escape(msg)}", highlight=False)
 
 
 def print_json(doc: Any) -> None:
@@ -93,9 +96,11 @@ def handle_errors(fn):
         except OwlctlError as e:
             if os.environ.get("OWLCTL_DEBUG") == "1":
                 raise
-            err.print(f"[red]error:[/red] {e.message}", highlight=False)
+            from rich.markup import escape
+
+            err.print(f"[red]error:[/red] {escape(e.message)}", highlight=False)
             if e.hint:
-                err.print(f"[dim]hint:[/dim] {e.hint}", highlight=False)
+                err.print(f"[dim]hint:[/dim] {escape(e.hint)}", highlight=False)
             raise typer.Exit(1) from None
         except KeyboardInterrupt:
             err.print("[red]interrupted[/red]: no partial output was left behind", highlight=False)
