@@ -18,7 +18,7 @@ Calib = Annotated[str, typer.Option(
     "--calib", help="Calibration data: builtin:wiki | c4 | wikitext2 | a local .txt/.jsonl file or folder.")]
 NSamples = Annotated[Optional[int], typer.Option("--nsamples", help="Calibration sequences (default: 128, builtin: 32).")]
 SeqLen = Annotated[Optional[int], typer.Option("--seqlen", help="Tokens per calibration sequence (default: 2048, builtin: 512).")]
-BatchSize = Annotated[int, typer.Option("--batch-size", help="Calibration sequences per block forward.")]
+BatchSize = Annotated[int, typer.Option("--batch-size", help="Sequences per forward pass.")]
 TargetSparsity = Annotated[Optional[float], typer.Option(
     "--target-sparsity", "-s", help="Target global sparsity S: the FRACTION of weights pruned, in [0, 1).")]
 OutlierM = Annotated[Optional[float], typer.Option(

@@ -215,8 +215,9 @@ def prune(cfg: PruneConfig, progress: Any = None) -> dict:
     from owlctl.formats._io import check_output
 
     _validate(cfg)
-    if cfg.output is not None:
-        check_output(cfg.output, cfg.force)
+    output = Path(cfg.output) if cfg.output is not None else None
+    if output is not None:
+        check_output(output, cfg.force)
     from owlctl.core.methods import NEEDS, MethodOptions
     from owlctl.engine.data import calibration
     from owlctl.engine.loading import load_model, resolve_device
@@ -247,12 +248,12 @@ def prune(cfg: PruneConfig, progress: Any = None) -> dict:
     report["calibration"] = calib.as_dict() if calib is not None else None
     report["method_options"] = {"wanda_group": cfg.wanda_group, "wanda_variant": cfg.wanda_variant,
                                 "blocksize": cfg.blocksize, "percdamp": cfg.percdamp}
-    if cfg.output is not None:
-        save_checkpoint(model, tok, cfg.output, force=cfg.force, allocation=alloc, report=report,
+    if output is not None:
+        save_checkpoint(model, tok, output, force=cfg.force, allocation=alloc, report=report,
                         source={"id": info.id, "content_sha256": info.content_sha256, "method": cfg.method})
     mismatched = [(b["name"], r["name"]) for b in rows for r in b["linears"]
                   if r["expected_pruned"] >= 0 and r["pruned"] != r["expected_pruned"]]
-    return {"output": str(cfg.output) if cfg.output else None, "method": cfg.method,
+    return {"output": str(output) if output else None, "method": cfg.method,
             "allocation": alloc["params"]["allocator"], "pattern": alloc["pattern"],
             "target_sparsity": alloc["achieved"].get("target_sparsity"),
             "allocated_sparsity": alloc["achieved"]["param_weighted_sparsity"],

@@ -1,0 +1,174 @@
+"""`owlctl eval`: perplexity (reference protocol), sparsity audit, optional zero-shot accuracy."""
+
+from __future__ import annotations
+
+from typing import Annotated, Optional
+
+import typer
+
+from owlctl.cli import console
+from owlctl.cli.options import Device, Dtype, Json, Quiet
+
+HELP = """Measure a model's perplexity, audit its sparsity, and optionally run zero-shot tasks.
+
+Perplexity follows the OWL/Wanda reference exactly: the split's text is tokenised once and cut into
+floor(n / seqlen) non-overlapping windows (the remainder is dropped); each window's mean cross-entropy
+(float32) over its seqlen-1 next-token predictions is averaged over windows, and ppl = exp(that mean).
+The audit counts the exact zeros of every prunable Linear and checks them against the allocation the
+checkpoint records. Zero-shot tasks (--tasks / --zeroshot) run through the stock lm-eval harness
+(pip install 'owlctl[eval]'); its accuracies are not comparable with the paper's length-normalised
+pipeline. Data defaults to builtin:wiki at seqlen 512 for the built-in model and checkpoints pruned from
+it, wikitext2 at 2048 otherwise; the test split is used unless --split validation.
+
+\b
+Examples:
+  owlctl eval wanda70 --max-windows 32
+  owlctl eval owl70 --compare wanda70 --json | jq .compare.ratio
+  owlctl eval meta-llama/Llama-2-7b-hf --data wikitext2 --data c4 --zeroshot --device cuda
+"""
+
+
+def _split_list(values: list[str] | None) -> tuple[str, ...] | None:
+    if not values:
+        return None
+    out = [v.strip() for item in values for v in item.split(",") if v.strip()]
+    return tuple(out)
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("eval", help=HELP)
+    @console.handle_errors
+    def eval_cmd(
+        model: Annotated[str, typer.Argument(
+            help="Checkpoint directory, HF hub id, local model directory, or builtin:smollm2-135m.")],
+        data: Annotated[Optional[list[str]], typer.Option(
+            "--data", help="builtin:wiki | wikitext2 | c4 | a local .txt/.jsonl file or folder; repeatable "
+                           "(default: builtin:wiki for the built-in model, wikitext2 otherwise).")] = None,
+        split: Annotated[str, typer.Option("--split", help="test | validation (never the calibration text).")]
+        = "test",
+        seqlen: Annotated[Optional[int], typer.Option(
+            "--seqlen", help="Tokens per evaluation window (default: 2048, built-in: 512).")] = None,
+        batch_size: Annotated[int, typer.Option(
+            "--batch-size", help="Windows per forward pass (and lm-eval batch size); the result does not change.")]
+        = 1,
+        max_windows: Annotated[Optional[int], typer.Option(
+            "--max-windows", help="Score only the first N windows (quick checks; c4 is always capped at 256).")]
+        = None,
+        no_ppl: Annotated[bool, typer.Option("--no-ppl", help="Skip perplexity (zero-shot and audit only).")]
+        = False,
+        zeroshot: Annotated[bool, typer.Option(
+            "--zeroshot", help="Run the paper's seven zero-shot tasks (boolq, rte, hellaswag, winogrande, "
+                               "arc_easy, arc_challenge, openbookqa).")] = False,
+        tasks: Annotated[Optional[list[str]], typer.Option(
+            "--tasks", help="Comma-separated lm-eval task names ('paper' = the seven); implies zero-shot.")]
+        = None,
+        limit: Annotated[Optional[int], typer.Option(
+            "--limit", help="At most N examples per zero-shot task (quick checks only).")] = None,
+        task_dir: Annotated[Optional[str], typer.Option(
+            "--task-dir", help="A folder of extra lm-eval task YAML files.")] = None,
+        compare: Annotated[Optional[str], typer.Option(
+            "--compare", help="A second model evaluated on the identical token windows; reports other/this.")]
+        = None,
+        device: Device = "auto",
+        dtype: Dtype = "auto",
+        json_out: Json = False,
+        quiet: Quiet = False,
+    ) -> None:
+        console.set_quiet(quiet)
+        from owlctl.ops.evaluate import EvalConfig, evaluate
+
+        task_list = _split_list(tasks)
+        if zeroshot and task_list is None:
+            task_list = ("paper",)
+        cfg = EvalConfig(model=model, data=_split_list(data), split=split, seqlen=seqlen, batch_size=batch_size,
+                         max_windows=max_windows, ppl=not no_ppl, tasks=task_list, limit=limit, task_dir=task_dir,
+                         compare=compare, device=device, dtype=dtype)
+        console.log(f"evaluating {model}" + (f" against {compare}" if compare else ""))
+        # No bars (-q, or stderr is not a terminal): progress None also mutes lm-eval's own bars.
+        doc = evaluate(cfg, progress=console.Progress() if not quiet and console.err.is_terminal else None)
+        if json_out:
+            console.print_json(doc)
+            return
+        render(doc)
+
+
+def _name(model: dict) -> str:
+    """What the user typed, and the model a checkpoint was pruned from when that differs."""
+    spec, origin = model.get("spec") or model["id"], model["id"]
+    return spec if origin == spec else f"{spec} (from {origin})"
+
+
+def _fmt(x: float | None, spec: str = ".3f") -> str:
+    return "-" if x is None else format(x, spec)
+
+
+def render(doc: dict) -> None:
+    from rich.table import Table
+
+    out = console.out
+    cmp = doc.get("compare")
+    if doc["perplexity"]:
+        t = Table(title=f"perplexity: {_name(doc['model'])}", title_justify="left")
+        for col in ("data", "split", "seqlen", "windows", "tokens", "ppl"):
+            t.add_column(col, justify="left" if col in ("data", "split") else "right")
+        if cmp:
+            t.add_column("ppl other", justify="right")
+            t.add_column("other/this", justify="right")
+        for source, r in doc["perplexity"].items():
+            row = [source, r["split"], str(r["seqlen"]), str(r["windows"]), str(r["tokens"]), _fmt(r["ppl"])]
+            if cmp:
+                row += [_fmt(cmp["perplexity"][source]["ppl"]), _fmt(cmp["ratio"][source], ".4f")]
+            t.add_row(*row)
+        out.print(t)
+        if cmp:
+            same = "identical" if cmp["identical_windows"] else "[red]DIFFERENT[/red]"
+            out.print(f"other = {_name(cmp['model'])}, scored on {same} token windows", highlight=False)
+    _render_audit(doc["audit"], _name(doc["model"]))
+    if cmp:
+        _render_audit(cmp["audit"], _name(cmp["model"]))
+    for d in [doc] + ([cmp] if cmp else []):
+        if d.get("zeroshot"):
+            _render_zeroshot(d["zeroshot"], _name(d["model"]))
+    out.print(f"time: {doc['seconds']['total']:.1f} s", highlight=False)
+
+
+def _render_audit(a: dict, name: str) -> None:
+    from rich.table import Table
+
+    out = console.out
+    status = {"ok": ": [green]ok[/green]", "mismatch": ": [red]MISMATCH[/red]"}.get(a["status"], "")
+    pat = a["pattern"]
+    pattern = "" if pat is None else (" unstructured" if pat["kind"] == "unstructured"
+                                      else f" {pat['n_keep']}:{pat['m']} (kept:group)")
+    what = f"{a['allocator']} allocation{pattern}" if a["allocator"] else "no allocation recorded"
+    t = Table(title=f"sparsity audit: {name} ({what}){status}", title_justify="left")
+    for col in ("block", "allocated", "realised", "diff", "check"):
+        t.add_column(col, justify="left" if col == "check" else "right")
+    for b in a["blocks"]:
+        diff = None if b["allocated"] is None else b["realised"] - b["allocated"]
+        ok = "" if b["ok"] is None else ("ok" if b["ok"] else "[red]MISMATCH[/red]")
+        t.add_row(str(b["index"]), _fmt(b["allocated"], ".4f"), f"{b['realised']:.4f}", _fmt(diff, "+.4f"), ok)
+    out.print(t)
+    line = f"realised {a['realised_sparsity']:.4f} of {a['numel']} prunable weights"
+    if a["allocated_sparsity"] is not None:
+        line += f"; allocated {a['allocated_sparsity']:.4f}"
+    out.print(line, highlight=False)
+    for m in a["mismatches"]:
+        where = m["name"] or "model"
+        if m.get("linear"):
+            where += f".{m['linear']}"
+        out.print(f"[red]mismatch[/red] {where}: {m['reason']}", highlight=False)
+
+
+def _render_zeroshot(z: dict, name: str) -> None:
+    from rich.table import Table
+
+    t = Table(title=f"zero-shot (lm-eval {z['lm_eval_version']}, 0-shot): {name}", title_justify="left")
+    for col in ("task", "acc", "acc_norm", "examples"):
+        t.add_column(col, justify="left" if col == "task" else "right")
+    for task, r in z["tasks"].items():
+        t.add_row(task, _fmt(r.get("acc"), ".4f"), _fmt(r.get("acc_norm"), ".4f"), str(r.get("samples") or "-"))
+    t.add_row("mean", _fmt(z["mean_acc"], ".4f"), "", "")
+    console.out.print(t)
+    console.out.print("stock harness scoring: not comparable with the OWL paper's length-normalised numbers",
+                      highlight=False)
