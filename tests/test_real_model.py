@@ -42,16 +42,15 @@ def test_profile_builtin(real_profile):
 
 
 def test_pipeline_owl_beats_uniform_at_70(tmp_path):
-    """README command (a) on reduced settings: profile, allocate, prune uniform and OWL, evaluate."""
-    r = runner.invoke(app, ["pipeline", "--nsamples", "16", "--seqlen", "256", "--max-windows", "32",
-                            "--device", "cpu", "-o", str(tmp_path / "run"), "--json"])
+    """README command (a), with its defaults: profile, allocate, prune uniform and OWL, evaluate."""
+    r = runner.invoke(app, ["pipeline", "--device", "cpu", "-o", str(tmp_path / "run"), "--json"])
     assert r.exit_code == 0, r.stderr
     doc = json.loads(r.stdout)
     res = {row["variant"]: row for row in doc["results"]}
     dense = res["dense"]["perplexity"]["builtin:wiki"]
     uni = res["wanda uniform"]["perplexity"]["builtin:wiki"]
     owl = res["wanda owl"]["perplexity"]["builtin:wiki"]
-    assert 5 < dense < 30  # the dense model is ~13 on this corpus
+    assert 5 < dense < 30  # the dense model is ~14.5 on the first test windows
     assert dense < owl < uni  # OWL recovers part of what uniform pruning loses
     for label in ("wanda uniform", "wanda owl"):
         assert res[label]["realised_sparsity"] == pytest.approx(0.7, abs=0.01)

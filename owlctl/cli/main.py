@@ -42,4 +42,4 @@ for _name in COMMAND_MODULES:
 
 
 def run() -> None:
-    app()
+    app(prog_name="owlctl")

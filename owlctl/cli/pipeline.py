@@ -14,8 +14,8 @@ HELP = """Run the whole OWL comparison on one model: dense vs uniform vs OWL per
 
 Loads the model once, profiles its outlier distribution (one dense pass), allocates per-block sparsity with
 OWL and uniformly, prunes a fresh copy of the weights both ways with the same method, and evaluates all
-three on identical held-out windows. On the built-in model the defaults suit a small CPU (16 x 512
-calibration tokens, the first 32 windows of 512 tokens of the builtin:wiki test split); other models get
+three on identical held-out windows. On the built-in model the defaults suit a small CPU (16 x 256
+calibration tokens, the first 16 windows of 512 tokens of the builtin:wiki test split); other models get
 the reference protocol (128 x 2048 tokens of C4, WikiText-2 at 2048). The output says how to run the
 full-size protocol.
 

@@ -83,5 +83,4 @@ def _render(res: dict) -> None:
     console.out.print(t)
     c = doc["calibration"]
     console.out.print(f"calibration: {c['source']}, {c['nsamples']} x {c['seqlen']} tokens, seed {c['seed']}; "
-                      f"{res['seconds']['total_profile'] if 'total_profile' in res['seconds'] else ''}"
-                      f"saved to {res['output'] or '(not saved)'}", highlight=False)
+                      f"{res['seconds']['total']:.1f} s; saved to {res['output'] or '(not saved)'}", highlight=False)

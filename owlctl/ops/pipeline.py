@@ -40,7 +40,7 @@ class PipelineConfig:
     force: bool = False
 
 
-BUILTIN_PIPELINE = {"nsamples": 16, "max_windows": 32}  # x 512 tokens each
+BUILTIN_PIPELINE = {"nsamples": 16, "seqlen": 256, "max_windows": 16}  # eval windows of 512 tokens
 
 FULL_SIZE_HINT = ("full-size protocol (GPU): owlctl pipeline meta-llama/Llama-2-7b-hf --calib c4 --nsamples 128 "
                   "--seqlen 2048 --eval-data wikitext2 --eval-seqlen 2048 --device cuda -s 0.7 -m 5 -l 0.08")
@@ -79,8 +79,9 @@ def pipeline(cfg: PipelineConfig, progress: Any = None, log: Any = None) -> dict
     builtin = info.id == BUILTIN_MODEL
     # On the built-in model the defaults are sized for a 2-core CPU (the whole job in a few minutes).
     nsamples_default = cfg.nsamples or (BUILTIN_PIPELINE["nsamples"] if builtin else None)
+    seqlen_default = cfg.seqlen or (BUILTIN_PIPELINE["seqlen"] if builtin else None)
     max_windows = cfg.max_windows or (BUILTIN_PIPELINE["max_windows"] if builtin else None)
-    source, nsamples, seqlen = calib_defaults(cfg.model, cfg.calib, nsamples_default, cfg.seqlen)
+    source, nsamples, seqlen = calib_defaults(cfg.model, cfg.calib, nsamples_default, seqlen_default)
     data, eval_seqlen = eval_defaults(info.id, [cfg.eval_data] if cfg.eval_data else None, cfg.eval_seqlen)
     streams = token_streams(data, cfg.eval_split, tok)  # fail on bad eval data before any heavy work
     calib = calibration(source, tok, nsamples, seqlen, cfg.seed)

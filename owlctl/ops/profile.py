@@ -97,4 +97,6 @@ def profile(cfg: ProfileConfig, progress: Any = None) -> dict:
     if cfg.output is not None:
         write_json(cfg.output, doc, force=cfg.force)
     return {"profile": doc, "output": str(cfg.output) if cfg.output else None,
-            "seconds": {"load": round(t_load, 3), **timings.as_dict()}, "peak_rss_mb": round(peak_rss_mb(), 1)}
+            "seconds": {"load": round(t_load, 3), **timings.as_dict(),
+                        "total": round(time.perf_counter() - t0, 3)},
+            "peak_rss_mb": round(peak_rss_mb(), 1)}
