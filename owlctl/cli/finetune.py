@@ -1,0 +1,166 @@
+"""`owlctl finetune`."""
+
+from __future__ import annotations
+
+import warnings
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Any, Iterator, Optional
+
+import typer
+
+from owlctl.cli import console
+from owlctl.cli.options import Dtype, Force, Json, Quiet, Seed
+
+HELP = """LoRA-finetune a pruned checkpoint and save it with every pruned weight still zero.
+
+The reference recipe by default (LoRA r 8, alpha 16, dropout 0.05 on q_proj and v_proj; AdamW lr 1e-4, 5 warmup
+updates then linear decay; blocks of 1024 tokens, 128 sequences per update = --batch-size x processes x
+accumulation). --keep-sparsity merge-mask trains a plain adapter, merges it and re-applies the checkpoint's zero
+mask (reporting how much of the update the mask removed); masked-lora trains the update already multiplied by
+the mask, so the merged model is exactly the trained one. --adapter-only saves the unmerged peft adapter.
+Eval loss and perplexity are measured before and after on the data's validation split. Multi-GPU and
+multi-node: run it under `accelerate launch -m owlctl finetune ...`.
+
+\b
+Examples:
+  owlctl finetune wanda50 -o wanda50-ft --steps 20 --batch-size 2 --block-size 256
+  owlctl finetune owl70 -o owl70-ft --keep-sparsity masked-lora --targets all-linear --data c4 --epochs 1
+  accelerate launch -m owlctl finetune owl70 -o owl70-ft --batch-size 4 --json > ft.json
+"""
+
+
+@contextmanager
+def _warnings_to_stderr() -> Iterator[None]:
+    """Show owlctl's finetune warnings as `warning: ...` lines while the command runs."""
+    from owlctl.ops.finetune import FinetuneWarning
+
+    previous = warnings.showwarning
+
+    def show(message: Any, category: type, filename: str, lineno: int, file: Any = None, line: Any = None) -> None:
+        if issubclass(category, FinetuneWarning):
+            console.warn(str(message))
+        else:
+            previous(message, category, filename, lineno, file, line)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("always", FinetuneWarning)
+        warnings.showwarning = show
+        yield
+
+
+def _fmt(x: Optional[float], spec: str = ".4f") -> str:
+    return "-" if x is None else format(x, spec)
+
+
+def render_summary(res: dict) -> None:
+    from rich.table import Table
+
+    tr, ev = res["training"], res["eval"]
+    t = Table(title=f"finetune / {res['mode']} / LoRA r {res['lora']['r']} on {', '.join(res['lora']['targets'])}",
+              title_justify="left", show_header=False)
+    t.add_column("", style="bold")
+    t.add_column("")
+
+    def ev_line(e: Optional[dict]) -> str:
+        return "-" if not e else f"loss {_fmt(e['loss'])}  ppl {_fmt(e['perplexity'], '.2f')}  acc {_fmt(e['accuracy'])}"
+
+    curve = tr["loss_curve"]
+    picks = sorted({0, len(curve) // 4, len(curve) // 2, 3 * len(curve) // 4, len(curve) - 1})
+    rows = [
+        ("checkpoint", res["checkpoint"]),
+        ("data", f"{res['data']['train']} -> {res['data']['train_windows']} windows of {tr['block_size']}"),
+        ("updates", f"{tr['steps']} x {tr['effective_batch']} sequences ({tr['micro_batch']} x {tr['processes']} "
+                    f"process(es) x {tr['grad_accum']} accumulation)"),
+        ("trainable", f"{res['lora']['trainable_params']:,} of {res['lora']['model_params']:,} parameters"),
+        ("eval before", ev_line(ev.get("before"))),
+    ]
+    if "after_unmasked" in ev:
+        rows.append(("eval after (adapter)", ev_line(ev["after_unmasked"])))
+    rows.append(("eval after (saved)", ev_line(ev.get("after"))))
+    rows.append(("train loss", "  ".join(f"{curve[i][0]}: {curve[i][1]:.4f}" for i in picks)))
+    if res["delta_removed"] is not None:
+        d = res["delta_removed"]
+        per = ", ".join(f"{k.rsplit('.', 1)[-1]} {v:.3f}" for k, v in d["by_target"].items())
+        rows.append(("delta removed by mask", f"{d['overall']:.4f} ({per})"))
+    sp = res["sparsity"]
+    rows.append(("sparsity (prunable)", f"{sp['before']:.4f} -> {sp['after']:.4f}"
+                 + ("" if sp["zeros_kept"] else "  (zeros lost!)")))
+    rows.append(("throughput", f"{_fmt(tr['tokens_per_s'], ',.0f')} tokens/s ({tr['tokens']:,} tokens)"))
+    rows.append(("time", f"{res['seconds']['total']:.1f} s (train {res['seconds']['train']:.1f} s)"))
+    rows.append(("output", res["output"]))
+    for k, v in rows:
+        t.add_row(k, v)
+    console.out.print(t)
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("finetune", help=HELP)
+    @console.handle_errors
+    def finetune_cmd(
+        checkpoint: Annotated[Path, typer.Argument(help="Checkpoint directory (from `owlctl prune` / `owlctl nm`).")],
+        output: Annotated[Path, typer.Option("--output", "-o", help="Directory to write (model or adapter).")],
+        keep_sparsity: Annotated[str, typer.Option(
+            "--keep-sparsity", help="merge-mask (merge, then re-apply the zero mask) | masked-lora (train the "
+            "update times the mask: the merge is exact).")] = "merge-mask",
+        adapter_only: Annotated[bool, typer.Option(
+            "--adapter-only", help="Save only the unmerged peft adapter (PeftModel.from_pretrained(base, DIR)).")]
+        = False,
+        targets: Annotated[str, typer.Option(
+            "--targets", help="Linears to adapt: a comma list (q_proj,v_proj) or all-linear.")] = "q_proj,v_proj",
+        rank: Annotated[int, typer.Option("--rank", "-r", help="LoRA rank r.")] = 8,
+        alpha: Annotated[float, typer.Option("--alpha", help="LoRA alpha; the update is scaled by alpha / r.")]
+        = 16.0,
+        dropout: Annotated[float, typer.Option("--dropout", help="Dropout on the adapter's input.")] = 0.05,
+        lr: Annotated[float, typer.Option("--lr", help="Peak learning rate (AdamW).")] = 1e-4,
+        weight_decay: Annotated[float, typer.Option("--weight-decay", help="AdamW weight decay.")] = 0.0,
+        warmup_steps: Annotated[int, typer.Option("--warmup-steps", help="Linear warmup updates.")] = 5,
+        max_grad_norm: Annotated[float, typer.Option(
+            "--max-grad-norm", help="Clip the gradient norm (0: no clipping).")] = 1.0,
+        steps: Annotated[Optional[int], typer.Option(
+            "--steps", help="Optimizer updates (default: one epoch of the data).")] = None,
+        epochs: Annotated[Optional[float], typer.Option("--epochs", help="Passes over the training data.")] = None,
+        batch_size: Annotated[int, typer.Option(
+            "--batch-size", help="Sequences per micro-batch on each process.")] = 2,
+        effective_batch: Annotated[int, typer.Option(
+            "--effective-batch", help="Sequences per update over all processes (sets the accumulation).")] = 128,
+        block_size: Annotated[int, typer.Option("--block-size", help="Tokens per training/eval sequence.")] = 1024,
+        data: Annotated[Optional[str], typer.Option(
+            "--data", help="builtin:wiki | c4 | wikitext2 | a local .txt/.jsonl file or folder (default: "
+            "builtin:wiki for the built-in model, c4 otherwise).")] = None,
+        eval_windows: Annotated[Optional[int], typer.Option(
+            "--eval-windows", help="Validation windows before/after (default 128, built-in 16; 0: no eval).")]
+        = None,
+        gradient_checkpointing: Annotated[Optional[bool], typer.Option(
+            "--gradient-checkpointing/--no-gradient-checkpointing",
+            help="Recompute activations in backward (default: on above 1B parameters).")] = None,
+        mixed_precision: Annotated[Optional[str], typer.Option(
+            "--mixed-precision", help="no | fp16 | bf16 (default: as accelerate is configured).")] = None,
+        device: Annotated[str, typer.Option(
+            "--device", help="auto | cpu | cuda (under accelerate launch the launcher places processes).")]
+        = "auto",
+        dtype: Dtype = "auto",
+        seed: Seed = 0,
+        force: Force = False,
+        json_out: Json = False,
+        quiet: Quiet = False,
+    ) -> None:
+        console.set_quiet(quiet)
+        from owlctl.ops.finetune import FinetuneConfig, finetune
+
+        cfg = FinetuneConfig(
+            checkpoint=checkpoint, output=output, keep_sparsity=keep_sparsity, adapter_only=adapter_only,
+            targets=targets, rank=rank, alpha=alpha, dropout=dropout, lr=lr, weight_decay=weight_decay,
+            warmup_steps=warmup_steps, max_grad_norm=max_grad_norm or None, block_size=block_size,
+            batch_size=batch_size, effective_batch=effective_batch, steps=steps, epochs=epochs, data=data,
+            eval_windows=eval_windows, gradient_checkpointing=gradient_checkpointing,
+            mixed_precision=mixed_precision, device=device, dtype=dtype, seed=seed, force=force)
+        with _warnings_to_stderr():
+            res = finetune(cfg, progress=console.Progress())
+        if not res["_main"]:  # other accelerate processes: the main one reports
+            return
+        res = {k: v for k, v in res.items() if not k.startswith("_")}
+        if json_out:
+            console.print_json(res)
+        else:
+            render_summary(res)
