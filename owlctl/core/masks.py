@@ -82,11 +82,15 @@ def _smallest_k(scores: Tensor, k: int) -> Tensor:
     """
     if k == 0:
         return torch.zeros(scores.shape, dtype=torch.bool, device=scores.device)
-    if scores.is_floating_point():  # NaN would compare false everywhere; rank it with +inf (kept)
+    if scores.is_floating_point() and bool(torch.isnan(scores).any()):
+        # NaN would compare false everywhere; rank it with +inf (kept)
         scores = torch.nan_to_num(scores, nan=math.inf, posinf=math.inf, neginf=-math.inf)
     kth = torch.kthvalue(scores, k, dim=-1, keepdim=True).values
+    at_most = scores <= kth
+    if bool((at_most.sum(dim=-1) == k).all()):  # no ties straddle the k-th value (the usual case): done
+        return at_most
     below = scores < kth
-    ties = scores == kth
+    ties = at_most & ~below
     room = k - below.sum(dim=-1, keepdim=True)
     rank_dtype = torch.int32 if scores.shape[-1] < 2**31 else torch.int64
     return below | (ties & (ties.cumsum(dim=-1, dtype=rank_dtype) <= room))

@@ -40,12 +40,9 @@ def block_outliers(scores: list[Tensor], ms: list[float]) -> BlockOutliers:
     maxes = torch.stack([s.max().double() for s in scores])
     total = int(sum(numels))
     mean = sums.sum() / total
-    thresholds = torch.tensor(list(ms), dtype=torch.float64, device=sums.device) * mean
-    counts = torch.stack([
-        (s.double().reshape(-1, 1) > thresholds.reshape(1, -1)).sum(dim=0) if s.numel() <= (1 << 22)
-        else torch.stack([(s.double() > t).sum() for t in thresholds])
-        for s in scores
-    ])  # (matrices, M)
+    # The comparison runs in the scores' own precision (float32, as the reference); sums are float64.
+    thresholds = (torch.tensor(list(ms), dtype=torch.float64, device=sums.device) * mean).to(scores[0].dtype)
+    counts = torch.stack([torch.stack([(s > t).sum() for t in thresholds]) for s in scores])  # (matrices, M)
     counts_l, sums_l, maxes_l = counts.tolist(), sums.tolist(), maxes.tolist()
     mats = [MatrixScoreSummary(n, sm, mx, [int(c) for c in cs]) for n, sm, mx, cs in zip(numels, sums_l, maxes_l, counts_l)]
     block_counts = [int(sum(m.outlier_count[k] for m in mats)) for k in range(len(ms))]
