@@ -162,6 +162,21 @@ def collect_statistics(layout: ModelLayout, block_index: int, needs: frozenset[s
             h.remove()
 
 
+class _NoTask:
+    def advance(self, n: int = 1, info: str | None = None) -> None:
+        pass
+
+
+@contextmanager
+def progress_task(progress: Any, description: str, total: int) -> Iterator[Any]:
+    """A progress task from a reporter (see owlctl.cli.console.Progress), or a silent one without it."""
+    if progress is None:
+        yield _NoTask()
+    else:
+        with progress.task(description, total) as task:
+            yield task
+
+
 DecideFn = Callable[[int, Any, dict[str, Any], dict[str, InputStatistics]], None]
 
 
@@ -184,9 +199,7 @@ def run_blocks(model: Any, layout: ModelLayout, input_ids: torch.Tensor, *, devi
         _sync(device)
         timings.capture = time.perf_counter() - t0
         nblocks = layout.num_blocks
-        cm = progress.task(description, nblocks) if progress is not None else None
-        task = cm.__enter__() if cm is not None else None
-        try:
+        with progress_task(progress, description, nblocks) as task:
             for i in range(nblocks):
                 block = layout.blocks[i]
                 if device != "cpu":
@@ -215,11 +228,7 @@ def run_blocks(model: Any, layout: ModelLayout, input_ids: torch.Tensor, *, devi
                 inputs.hidden = outs
                 if device != "cpu":
                     block.to("cpu")
-                if task is not None:
-                    task.advance(1, info=f"block {i + 1}/{nblocks}")
-        finally:
-            if cm is not None:
-                cm.__exit__(None, None, None)
+                task.advance(1, info=f"block {i + 1}/{nblocks}")
     timings.forwards -= timings.statistics
     timings.block_forwards_per_sample = 1 if propagate == "dense" else 2
     return timings

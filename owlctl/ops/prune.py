@@ -139,7 +139,7 @@ def prune_model(model: Any, layout: Any, alloc: dict, method: str, opts: Any, ca
     import torch
 
     from owlctl.core.methods import NEEDS, prune_weight
-    from owlctl.engine.driver import Timings, run_blocks
+    from owlctl.engine.driver import Timings, progress_task, run_blocks
 
     targets = _targets(alloc)
     if len(targets) != layout.num_blocks:
@@ -186,22 +186,15 @@ def prune_model(model: Any, layout: Any, alloc: dict, method: str, opts: Any, ca
     if not NEEDS[method]:  # magnitude: no data, no forwards
         timings = Timings()
         t0 = time.perf_counter()
-        cm = progress.task(f"prune ({method})", layout.num_blocks) if progress is not None else None
-        task = cm.__enter__() if cm is not None else None
-        try:
-            with torch.inference_mode():
-                for i in range(layout.num_blocks):
-                    block = layout.blocks[i]
-                    if device != "cpu":
-                        block.to(device)
-                    decide(i, block, layout.linears(i), {})
-                    if device != "cpu":
-                        block.to("cpu")
-                    if task is not None:
-                        task.advance(1, info=f"block {i + 1}/{layout.num_blocks}")
-        finally:
-            if cm is not None:
-                cm.__exit__(None, None, None)
+        with progress_task(progress, f"prune ({method})", layout.num_blocks) as task, torch.inference_mode():
+            for i in range(layout.num_blocks):
+                block = layout.blocks[i]
+                if device != "cpu":
+                    block.to(device)
+                decide(i, block, layout.linears(i), {})
+                if device != "cpu":
+                    block.to("cpu")
+                task.advance(1, info=f"block {i + 1}/{layout.num_blocks}")
         timings.decide = time.perf_counter() - t0
         return rows, timings
     timings = run_blocks(model, layout, calib.input_ids, device=device, batch_size=batch_size,
