@@ -28,6 +28,7 @@ def main() -> None:
     ap.add_argument("--max-windows", type=int, default=16, help="test windows per evaluation")
     ap.add_argument("--sweep-windows", type=int, default=8, help="validation windows per sweep point")
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--resume", action="store_true", help="reuse the rows already in OUT/results.json")
     ap.add_argument("--out", default=str(ROOT / "docs"))
     args = ap.parse_args()
 
@@ -72,83 +73,94 @@ def main() -> None:
         return m, sum(b["zeros"] for b in blocks) / total, time.perf_counter() - t0
 
     rows = []
-    dense_test = ppl(base, test)
-    rows.append({"method": "dense", "allocation": "-", "pattern": "-", "sparsity": 0.0, "ppl": dense_test})
-    print(f"dense {dense_test:.3f}", flush=True)
-    methods = ["magnitude", "wanda", "sparsegpt"]
-    levels = [0.7] if args.quick else [0.5, 0.6, 0.7]
+    doc: dict = {"model": model_dict, "calibration": calib.as_dict(),
+                 "eval": {"data": "builtin:wiki", "split": "test", "seqlen": args.eval_seqlen,
+                          "windows": min(args.max_windows, int(test["builtin:wiki"].numel() // args.eval_seqlen))},
+                 "rows": rows, "threads": torch.get_num_threads()}
 
-    # --- M x lambda sweep on the validation split (wanda, 70%)
+    def save() -> None:  # after every row, so an interrupted run still leaves what it measured
+        doc["seconds"] = round(time.perf_counter() - t_start, 1)
+        (out / "results.json").write_text(json.dumps(doc, indent=2) + "\n")
+
+    done = {}
+    if args.resume and (out / "results.json").is_file():
+        old = json.loads((out / "results.json").read_text())
+        done = {(r["method"], r["allocation"], r["pattern"], r.get("target")): r for r in old["rows"]}
+        done.update({("sweep", p["outlier_m"], p["lambda"]): p for p in old.get("sweep", {}).get("points", [])})
+        if "uniform_val_ppl" in old.get("sweep", {}):
+            done[("sweep", "uniform")] = old["sweep"]["uniform_val_ppl"]
+
+    def run(method: str, alloc: dict, label: str, pattern: str, target: float | None) -> None:
+        if (method, label, pattern, target) in done:
+            rows.append(done[(method, label, pattern, target)])
+            save()
+            return
+        model, real, secs = pruned(alloc, method)
+        rows.append({"method": method, "allocation": label, "pattern": pattern, "sparsity": real,
+                     "target": target, "ppl": ppl(model, test), "prune_s": round(secs, 1)})
+        print(rows[-1], flush=True)
+        save()
+
+    def owl(s: float, m_: float = 5.0, lam: float = 0.08) -> dict:
+        return allocation_from_profile(prof, None, None, target_sparsity=s, outlier_m=m_, lam=lam)
+
+    dense_row = done.get(("dense", "-", "-", None))
+    rows.append(dense_row or {"method": "dense", "allocation": "-", "pattern": "-", "sparsity": 0.0,
+                              "ppl": ppl(base, test)})
+    print(rows[-1], flush=True)
+    save()
+    methods = ["wanda", "sparsegpt", "magnitude"]
+    # most important first: 70% for every method, then N:M, then the sweep, then 60% and 50%
+    for method in methods:
+        run(method, uniform_allocation(model_dict, names, numels, target_sparsity=0.7), "uniform", "unstructured", 0.7)
+        run(method, owl(0.7), "owl (M 5, lambda 0.08)", "unstructured", 0.7)
+    for method in methods:
+        run(method, uniform_allocation(model_dict, names, numels, pattern="2:4"), "uniform", "2:4", 0.5)
+    run("wanda", uniform_allocation(model_dict, names, numels, pattern="3:8"), "uniform", "3:8", 0.625)
+    mixed = allocation_from_profile(prof, None, None, pattern="3:8", outlier_m=6, lam=2)
+    run("wanda", mixed, "mixed N:M (M 6, lambda 2)",
+        "3:8 mixed, n_keep per block " + "/".join(str(b["n_keep"]) for b in mixed["blocks"]), 0.625)
+
+    for s in ([] if args.quick else [0.6, 0.5]):  # wanda at the other levels before the sweep
+        run("wanda", uniform_allocation(model_dict, names, numels, target_sparsity=s), "uniform", "unstructured", s)
+        run("wanda", owl(s), "owl (M 5, lambda 0.08)", "unstructured", s)
+    # --- M x lambda sweep on the validation split (wanda, 70%), best pair then on the test split
     ms = [5.0] if args.quick else [3.0, 5.0, 7.0]
     lams = [0.08] if args.quick else [0.04, 0.08, 0.16]
-    sweep = []
+    sweep: list[dict] = []
+    doc["sweep"] = {"method": "wanda", "target": 0.7, "split": "validation", "windows": args.sweep_windows,
+                    "points": sweep}
+    if ("sweep", "uniform") in done:
+        doc["sweep"]["uniform_val_ppl"] = done[("sweep", "uniform")]
+    else:
+        model, _, _ = pruned(uniform_allocation(model_dict, names, numels, target_sparsity=0.7), "wanda")
+        doc["sweep"]["uniform_val_ppl"] = ppl(model, val, args.sweep_windows)
+        del model
     for m_ in ms:
         for lam in lams:
-            alloc = allocation_from_profile(prof, None, None, target_sparsity=0.7, outlier_m=m_, lam=lam)
-            model, _, _ = pruned(alloc, "wanda")
-            v = ppl(model, val, args.sweep_windows)
-            sweep.append({"outlier_m": m_, "lambda": lam, "val_ppl": v})
-            print(f"sweep M={m_:g} lambda={lam:g}: val {v:.3f}", flush=True)
+            if ("sweep", m_, lam) in done:
+                sweep.append(done[("sweep", m_, lam)])
+                continue
+            model, _, _ = pruned(owl(0.7, m_, lam), "wanda")
+            sweep.append({"outlier_m": m_, "lambda": lam, "val_ppl": ppl(model, val, args.sweep_windows)})
+            print(f"sweep {sweep[-1]}", flush=True)
             del model
-    uni70 = uniform_allocation(model_dict, names, numels, target_sparsity=0.7)
-    model, _, _ = pruned(uni70, "wanda")
-    sweep_uniform_val = ppl(model, val, args.sweep_windows)
-    del model
+            save()
     best = min(sweep, key=lambda r: r["val_ppl"])
-
-    # --- main table on the test split
-    for method in methods:
-        for s in levels:
-            for kind in ("uniform", "owl"):
-                alloc = (uniform_allocation(model_dict, names, numels, target_sparsity=s) if kind == "uniform"
-                         else allocation_from_profile(prof, None, None, target_sparsity=s, outlier_m=5, lam=0.08))
-                model, real, secs = pruned(alloc, method)
-                p = ppl(model, test)
-                rows.append({"method": method, "allocation": kind + (" (M 5, lambda 0.08)" if kind == "owl" else ""),
-                             "pattern": "unstructured", "sparsity": real, "target": s, "ppl": p,
-                             "prune_s": round(secs, 1)})
-                print(rows[-1], flush=True)
-                del model
-    # best sweep pair vs the paper's, wanda 70%, test split
-    alloc = allocation_from_profile(prof, None, None, target_sparsity=0.7, outlier_m=best["outlier_m"],
-                                    lam=best["lambda"])
-    model, real, secs = pruned(alloc, "wanda")
-    best_test = ppl(model, test)
-    del model
-    rows.append({"method": "wanda", "allocation": f"owl (M {best['outlier_m']:g}, lambda {best['lambda']:g}; "
-                 "best on validation)", "pattern": "unstructured", "sparsity": real, "target": 0.7, "ppl": best_test,
-                 "prune_s": round(secs, 1)})
-    # --- N:M: uniform 2:4 and 4:8 for every method; mixed 3:8 (reference "5:8") vs uniform 3:8 (wanda)
-    for method in methods:
-        for pat in ("2:4",):
-            alloc = uniform_allocation(model_dict, names, numels, pattern=pat)
-            model, real, secs = pruned(alloc, method)
-            rows.append({"method": method, "allocation": "uniform", "pattern": pat, "sparsity": real,
-                         "ppl": ppl(model, test), "prune_s": round(secs, 1)})
-            print(rows[-1], flush=True)
-            del model
-    for kind in ("uniform", "owl"):
-        alloc = (uniform_allocation(model_dict, names, numels, pattern="3:8") if kind == "uniform" else
-                 allocation_from_profile(prof, None, None, pattern="3:8", outlier_m=6, lam=2))
-        model, real, secs = pruned(alloc, "wanda")
-        rows.append({"method": "wanda", "allocation": "mixed N:M (M 6, lambda 2)" if kind == "owl" else "uniform",
-                     "pattern": "3:8" if kind == "uniform" else "3:8 mixed " +
-                     "/".join(str(b["n_keep"]) for b in alloc["blocks"]),
-                     "sparsity": real, "ppl": ppl(model, test), "prune_s": round(secs, 1)})
-        print(rows[-1], flush=True)
-        del model
+    doc["sweep"]["best"] = best
+    run("wanda", owl(0.7, best["outlier_m"], best["lambda"]),
+        f"owl (M {best['outlier_m']:g}, lambda {best['lambda']:g}; best on validation)", "unstructured", 0.7)
+    doc["sweep"]["best_test_ppl"] = rows[-1]["ppl"]
+    save()
+    for s in ([] if args.quick else [0.6, 0.5]):
+        for method in methods[1:]:
+            run(method, uniform_allocation(model_dict, names, numels, target_sparsity=s), "uniform", "unstructured", s)
+            run(method, owl(s), "owl (M 5, lambda 0.08)", "unstructured", s)
     # --- the OWL figure (outlier ratio and per-block sparsity, paper style)
     fig_alloc = allocation_from_profile(prof, None, None, target_sparsity=0.7, outlier_m=5, lam=0.08)
     plot_allocation(fig_alloc, out / "owl_allocation.png", force=True)
 
-    doc = {"model": model_dict, "calibration": calib.as_dict(), "eval": {"data": "builtin:wiki", "split": "test",
-           "seqlen": args.eval_seqlen,
-           "windows": min(args.max_windows, int(test["builtin:wiki"].numel() // args.eval_seqlen))},
-           "rows": rows, "sweep": {"method": "wanda", "target": 0.7, "split": "validation",
-                                   "windows": args.sweep_windows, "points": sweep, "uniform_val_ppl": sweep_uniform_val,
-                                   "best": best, "best_test_ppl": best_test},
-           "threads": torch.get_num_threads(), "seconds": round(time.perf_counter() - t_start, 1)}
-    (out / "results.json").write_text(json.dumps(doc, indent=2) + "\n")
+    save()
     print(json.dumps(doc, indent=2))
 
 

@@ -183,8 +183,15 @@ def load_model(spec: str, dtype: str = "auto", device: str = "cpu") -> tuple[Any
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     path, revision = local_dir(spec)
     torch_dtype = resolve_dtype(dtype)
+    from owlctl.engine import packed
+
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch_dtype or "auto")
+        if packed.is_packed(path):  # `owlctl export --format packed` output: values + bitmask
+            model = packed.load_packed(path)
+            if torch_dtype is not None:
+                model.to(torch_dtype)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch_dtype or "auto")
     except (OSError, ValueError, KeyError) as e:
         raise ModelError(f"transformers could not load {spec}: {e}") from None
     model.eval()

@@ -84,6 +84,7 @@ SCHEMAS = {
     "bench": "owlctl.bench/1",
     "packed": "owlctl.packed/1",
     "pipeline": "owlctl.pipeline/1",
+    "onnx": "owlctl.onnx/1",
 }
 
 

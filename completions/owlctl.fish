@@ -1,0 +1,1 @@
+complete --command owlctl --no-files --arguments "(env _OWLCTL_COMPLETE=complete_fish _TYPER_COMPLETE_FISH_ACTION=get-args _TYPER_COMPLETE_ARGS=(commandline -cp) owlctl)" --condition "env _OWLCTL_COMPLETE=complete_fish _TYPER_COMPLETE_FISH_ACTION=is-args _TYPER_COMPLETE_ARGS=(commandline -cp) owlctl"

@@ -1,0 +1,140 @@
+"""`owlctl bench`: prefill/decode throughput, step latency and memory; dense vs sparse side by side."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from owlctl.cli import console
+from owlctl.cli.options import Device, Dtype, Json, Quiet
+
+HELP = """Benchmark prefill and decode speed, per-step latency and memory; dense vs sparse in one run.
+
+A prompt of --prompt-len random tokens (x --batch-size) is prefilled, then --new-tokens greedy decode steps
+run through the KV cache. Warm-up runs are excluded; tokens/s is the median of --runs (>= 3) runs, and
+p50/p90/p99 pool every timed decode step. Each row checks its first logits against PyTorch's dense forward.
+
+\b
+Backends:
+  torch         PyTorch's dense kernels (CPU or CUDA).
+  torch-sparse  owlctl's sparse CPU kernels (nonzeros + bitmask on AVX-512, CSR
+                elsewhere) beside a dense-kernel row; on CUDA, 2:4 checkpoints
+                through torch.sparse.to_sparse_semi_structured.
+  onnxruntime   the model's ONNX export (made once, cached) on onnxruntime.
+  deepsparse    DeepSparse 1.8.0 in its own venv; --cpu is short for it and
+                --setup creates the venv.
+\b
+Examples:
+  owlctl bench wanda70 --backend torch-sparse
+  owlctl bench builtin:smollm2-135m --sparse wanda70 --backend onnxruntime --json
+  owlctl bench --cpu --setup && owlctl bench builtin:smollm2-135m --sparse wanda70 --cpu
+"""
+
+
+def _fmt(x: float | None, spec: str = ".1f") -> str:
+    return "-" if x is None else format(x, spec)
+
+
+def render(doc: dict) -> None:
+    """One column per benchmarked row (dense, sparse), one line per metric: fits an 80-column terminal."""
+    from rich.table import Table
+
+    s = doc["settings"]
+    rows = doc["rows"]
+    t = Table(title=f"bench: prompt {s['prompt_len']}, {s['new_tokens']} decode steps, batch {s['batch_size']}, "
+                    f"{s['threads']} thread(s), median of {s['runs']} runs", title_justify="left")
+    t.add_column("")
+    for r in rows:
+        t.add_column(r["label"], justify="right")
+
+    def line(name: str, fn) -> None:
+        t.add_row(name, *[fn(r) for r in rows])
+
+    line("model", lambda r: r["model"]["spec"])
+    line("backend", lambda r: r["backend"] + (f" ({r['kernel']})" if r.get("kernel") else ""))
+    line("prunable sparsity", lambda r: "-" if r["model"].get("prunable_sparsity") is None
+         else f"{r['model']['prunable_sparsity']:.1%}")
+    line("prefill tok/s", lambda r: _fmt(r["prefill"]["tokens_per_s"]))
+    line("decode tok/s", lambda r: _fmt(r["decode"]["tokens_per_s"], ".2f"))
+    for q in ("p50", "p90", "p99"):
+        line(f"decode step {q} ms", lambda r, q=q: _fmt(r["decode"]["step_ms"][q], ".2f"))
+    line("peak RSS MiB", lambda r: _fmt(r["memory"].get("peak_rss_mb"), ".0f"))
+    line("max |logits - torch|", lambda r: "-" if r.get("max_abs_diff_vs_torch") is None
+         else f"{r['max_abs_diff_vs_torch']:.2g}")
+    console.out.print(t)
+    c = doc.get("comparison")
+    if c:
+        console.out.print(f"{c['candidate']} / {c['baseline']}: decode x{_fmt(c['decode_speedup'], '.2f')}, "
+                          f"prefill x{_fmt(c['prefill_speedup'], '.2f')}", highlight=False)
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("bench", help=HELP)
+    @console.handle_errors
+    def bench_cmd(
+        model: Annotated[Optional[str], typer.Argument(
+            help="Model: checkpoint or packed directory, ONNX export (onnxruntime/deepsparse), HF id, builtin:...")]
+        = None,
+        sparse: Annotated[Optional[str], typer.Option(
+            "--sparse", help="A second (pruned) model benchmarked beside MODEL; the ratio is sparse / MODEL.")]
+        = None,
+        backend: Annotated[str, typer.Option(
+            "--backend", help="torch | torch-sparse | onnxruntime | deepsparse")] = "torch",
+        cpu: Annotated[bool, typer.Option("--cpu", help="Short for --backend deepsparse (the reference's CPU "
+                                                         "path).")] = False,
+        setup: Annotated[bool, typer.Option(
+            "--setup", help="deepsparse: create the DeepSparse venv in the owlctl cache (pip, PyPI) first.")]
+        = False,
+        deepsparse_python: Annotated[Optional[Path], typer.Option(
+            "--deepsparse-python", help="deepsparse: the python of an existing DeepSparse 1.8.0 environment.")]
+        = None,
+        prompt_len: Annotated[int, typer.Option("--prompt-len", help="Prompt tokens per sequence.")] = 128,
+        new_tokens: Annotated[int, typer.Option("--new-tokens", help="Decode steps (one token each).")] = 32,
+        batch_size: Annotated[int, typer.Option("--batch-size", help="Sequences decoded together.")] = 1,
+        runs: Annotated[int, typer.Option("--runs", help="Timed runs (>= 3); the median is reported.")] = 3,
+        warmup: Annotated[int, typer.Option("--warmup", help="Untimed warm-up runs per row.")] = 1,
+        threads: Annotated[int, typer.Option(
+            "--threads", help="CPU threads (torch, onnxruntime, DeepSparse cores). owlctl's sparse kernels use "
+                              "one.")] = 1,
+        sparse_kernel: Annotated[str, typer.Option(
+            "--sparse-kernel", help="torch-sparse: auto | bitmask | csr | torch-csr | torch-bsr")] = "auto",
+        seed: Annotated[int, typer.Option("--seed", help="Seed of the random prompt.")] = 0,
+        device: Device = "cpu",
+        dtype: Dtype = "auto",
+        json_out: Json = False,
+        quiet: Quiet = False,
+    ) -> None:
+        console.set_quiet(quiet)
+        from owlctl.engine import deepsparse_host
+        from owlctl.errors import InputError
+        from owlctl.ops import bench as bench_ops
+
+        if cpu:
+            if backend not in ("torch", "deepsparse"):
+                raise InputError(f"--cpu means --backend deepsparse; it conflicts with --backend {backend}")
+            backend = "deepsparse"
+        if setup and backend != "deepsparse":
+            raise InputError("--setup prepares DeepSparse; use it with --cpu (or --backend deepsparse)")
+        if model is None:
+            if not setup:
+                raise InputError("MODEL is required", hint="e.g. `owlctl bench builtin:smollm2-135m`")
+            console.log(f"setting up DeepSparse in {deepsparse_host.deepsparse_venv()} (a few minutes)")
+            info = deepsparse_host.setup_deepsparse(log=console.log)
+            if json_out:
+                console.print_json(info)
+            else:
+                console.out.print(f"DeepSparse {info['deepsparse']} ready: {info['python']}", highlight=False)
+            return
+        cfg = bench_ops.BenchConfig(model=model, sparse=sparse, backend=backend, prompt_len=prompt_len,
+                                    new_tokens=new_tokens, batch_size=batch_size, runs=runs, warmup=warmup,
+                                    threads=threads, device=device, dtype=dtype, sparse_kernel=sparse_kernel,
+                                    seed=seed, deepsparse_python=deepsparse_python, setup=setup)
+        if setup:
+            console.log(f"setting up DeepSparse in {deepsparse_host.deepsparse_venv()} (a few minutes)")
+        doc = bench_ops.bench(cfg, progress=console.Progress())
+        if json_out:
+            console.print_json(doc)
+        else:
+            render(doc)
