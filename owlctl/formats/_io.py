@@ -8,7 +8,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import IO, Any, Callable
 
 from owlctl import __version__
 from owlctl.errors import FormatError, OutputExistsError
@@ -38,20 +38,32 @@ def sha256_file(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
-def atomic_write_text(path: str | os.PathLike, text: str, force: bool = False) -> Path:
-    """Write ``text`` to a temporary file beside ``path`` and rename it into place."""
+def _default_mode(is_dir: bool) -> int:
+    """What a plain open()/mkdir() would give under the current umask (mkstemp/mkdtemp use 0600/0700)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return (0o777 if is_dir else 0o666) & ~mask
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None], force: bool = False) -> Path:
+    """Call ``write`` on a temporary file beside ``path``, then rename it into place (never half a file)."""
     p = check_output(path, force)
     p.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+        os.chmod(tmp, _default_mode(False))
         os.replace(tmp, p)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
     return p
+
+
+def atomic_write_text(path: str | os.PathLike, text: str, force: bool = False) -> Path:
+    return atomic_write(path, lambda f: f.write(text.encode("utf-8")), force=force)
 
 
 def write_json(path: str | os.PathLike, doc: dict, force: bool = False) -> Path:
@@ -124,4 +136,6 @@ def replace_dir_atomically(tmp_dir: Path, final: Path, force: bool) -> None:
 
 def temp_dir_beside(final: Path) -> Path:
     final.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{final.name}.partial-", dir=final.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.partial-", dir=final.parent))
+    os.chmod(tmp, _default_mode(True))
+    return tmp

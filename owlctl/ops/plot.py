@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import tempfile
 from pathlib import Path
 
 from owlctl.errors import InputError
@@ -76,14 +75,7 @@ def plot_allocation(doc: dict, path: str | os.PathLike, force: bool = False) -> 
                fontsize=8, frameon=False)
 
     fmt = p.suffix.lower().lstrip(".")
-    p.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            fig.savefig(f, format=fmt, dpi=150)
-        os.replace(tmp, p)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    from owlctl.formats._io import atomic_write
+
+    atomic_write(p, lambda f: fig.savefig(f, format=fmt, dpi=150), force=True)
     return p
