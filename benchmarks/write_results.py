@@ -18,8 +18,9 @@ def quality(doc: dict) -> list[str]:
     c, e = doc["calibration"], doc["eval"]
     out = [f"Calibration: `{c['source']}`, {c['nsamples']} x {c['seqlen']} tokens, seed {c['seed']}. "
            f"Evaluation: `{e['data']}` {e['split']} split, the first {e['windows']} windows of {e['seqlen']} tokens "
-           f"(reference protocol: non-overlapping windows, float32 cross-entropy). {doc['threads']} threads; the "
-           f"whole run took {doc.get('seconds', 0) / 60:.0f} min.", "",
+           f"(reference protocol: non-overlapping windows, float32 cross-entropy). {doc['threads']} threads. "
+           "The `prune s` column is wall time on a shared machine while other jobs ran (up to 5 processes on 2 "
+           "cores): it is not comparable between rows; see the speed section for a side-by-side measurement.", "",
            "| method | allocation | pattern | target | realised sparsity | perplexity | prune s |",
            "|---|---|---|---|---|---|---|"]
     for r in doc["rows"]:
@@ -71,7 +72,11 @@ def main() -> None:
     for name in ("bench_prune.json", "bench_prune_sparsegpt.json"):
         s = _load(name)
         if s:
-            parts += [f"## Pruning speed ({s['method']})", "", *speed(s), ""]
+            o = s["owlctl"]
+            prof = sum(o["profile"][k] for k in ("capture", "statistics", "forwards", "decide"))
+            parts += [f"## Pruning speed ({s['method']})", "", *speed(s), "",
+                      f"Profiling alone ({s['nsamples']} x {s['seqlen']} tokens, one dense pass): {prof:.0f} s. "
+                      f"Peak RSS of the benchmark process (two model copies alive): {o['peak_rss_mb']:.0f} MiB.", ""]
     st = _load("bench_startup.json")
     if st:
         parts += ["## Start-up", "", "| command | median wall s | minus bare python |", "|---|---|---|",
