@@ -7,10 +7,25 @@ import sys
 from contextlib import contextmanager
 from typing import Any, Iterator
 
-from rich.console import Console
 
-out = Console(soft_wrap=True)  # results
-err = Console(stderr=True, soft_wrap=True)  # logs, warnings, progress
+
+class _LazyConsole:
+    """A rich Console created on first use: `owlctl allocate --json` never needs to import rich."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        self._kwargs = kwargs
+        self._console: Any = None
+
+    def __getattr__(self, name: str) -> Any:
+        if self._console is None:
+            from rich.console import Console
+
+            self._console = Console(**self._kwargs)
+        return getattr(self._console, name)
+
+
+out = _LazyConsole(soft_wrap=True)  # results
+err = _LazyConsole(stderr=True, soft_wrap=True)  # logs, warnings, progress
 
 _quiet = False
 
