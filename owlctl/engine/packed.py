@@ -159,16 +159,9 @@ def write_packed(model: Any, out_dir: Path, source_dir: Path | None, source: dic
 
 
 def read_header(path: str | Path) -> dict:
-    p = Path(path) / PACKED_JSON
-    try:
-        head = json.loads(p.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise FormatError(f"{p} is missing or not valid JSON ({e})",
-                          hint="re-export with `owlctl export CHECKPOINT --format packed -o DIR`") from None
-    if head.get("schema") != SCHEMA:
-        raise FormatError(f"{p} has schema {head.get('schema')!r}; this owlctl reads {SCHEMA}",
-                          hint="re-export with this owlctl: `owlctl export CHECKPOINT --format packed -o DIR`")
-    return head
+    from owlctl.formats._io import read_json
+
+    return read_json(Path(path) / PACKED_JSON, "packed", remake="owlctl export CHECKPOINT --format packed -o DIR")
 
 
 def load_state_dict(path: str | Path, verify: bool = True) -> dict[str, Any]:

@@ -70,21 +70,23 @@ def write_json(path: str | os.PathLike, doc: dict, force: bool = False) -> Path:
     return atomic_write_text(path, dumps(doc), force=force)
 
 
-def read_json(path: str | os.PathLike, kind: str) -> dict:
-    """Read an owlctl JSON document of ``kind`` ("profile", "allocation", ...) and check its schema tag."""
+def read_json(path: str | os.PathLike, kind: str, remake: str | None = None) -> dict:
+    """Read an owlctl JSON document of ``kind`` ("profile", "allocation", ...) and check its schema tag.
+    ``remake`` is the command that re-creates the file (default: `owlctl KIND ...`), shown in hints."""
     p = Path(path)
+    remake = remake or f"owlctl {kind} ..."
     if not p.is_file():
-        raise FormatError(f"{kind} file not found: {p}", hint=f"check the path, or create it with `owlctl {kind}`")
+        raise FormatError(f"{kind} file not found: {p}", hint=f"check the path, or create it with `{remake}`")
     try:
         doc = json.loads(p.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise FormatError(
             f"{p} is not valid JSON ({e}); it may be truncated or hand-edited",
-            hint=f"re-create it with `owlctl {kind}`",
+            hint=f"re-create it with `{remake}`",
         ) from None
     if not isinstance(doc, dict):
         raise FormatError(f"{p} is not an owlctl {kind} document (top level is not an object)")
-    check_schema(doc, kind, source=str(p))
+    check_schema(doc, kind, source=str(p), remake=remake)
     return doc
 
 
@@ -100,20 +102,21 @@ SCHEMAS = {
 }
 
 
-def check_schema(doc: dict, kind: str, source: str = "document") -> None:
+def check_schema(doc: dict, kind: str, source: str = "document", remake: str | None = None) -> None:
     want = SCHEMAS[kind]
     got = doc.get("schema")
     if got == want:
         return
+    remake = remake or f"owlctl {kind} ..."
     producer = doc.get("owlctl_version", "an unknown program")
     if isinstance(got, str) and got.startswith(f"owlctl.{kind}/"):
         raise FormatError(
             f"{source} has schema {got} (written by owlctl {producer}); this owlctl {__version__} reads {want}",
-            hint=f"re-create it with this version: `owlctl {kind} ...`",
+            hint=f"re-create it with this version: `{remake}`",
         )
     raise FormatError(
         f"{source} is not an owlctl {kind} file (schema {got!r}, expected {want!r})",
-        hint=f"pass a file written by `owlctl {kind}`",
+        hint=f"pass a file written by `{remake}`",
     )
 
 

@@ -168,18 +168,9 @@ def _export_onnx(model: Any, tok: Any, tmp: Path, src_dir: Path, source: dict, c
 
 def read_onnx_export(path: Path) -> dict:
     """The onnx-export.json of an export directory (checked), for reuse by `owlctl bench`."""
-    from owlctl.errors import FormatError
+    from owlctl.formats._io import read_json
 
-    p = Path(path) / ONNX_JSON
-    try:
-        doc = json.loads(p.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise FormatError(f"{p} is missing or unreadable ({e})",
-                          hint="re-export with `owlctl export CHECKPOINT --format onnx -o DIR`") from None
-    if doc.get("schema") != ONNX_SCHEMA:
-        raise FormatError(f"{p} has schema {doc.get('schema')!r}, expected {ONNX_SCHEMA}",
-                          hint="re-export with this owlctl")
-    return doc
+    return read_json(Path(path) / ONNX_JSON, "onnx", remake="owlctl export CHECKPOINT --format onnx -o DIR")
 
 
 def is_onnx_export(path: str | Path) -> bool:
