@@ -57,7 +57,8 @@ def speed(doc: dict) -> list[str]:
             f"{r['scoring']['statistics'] + r['prune']['statistics']:.1f} | "
             f"{r['scoring']['decide'] + r['prune']['decide']:.1f} | "
             f"{r['scoring']['propagate'] + r['prune']['propagate']:.1f} |", "",
-            f"owlctl / reference wall time: **{doc['owlctl_over_reference_wall']:.2f}** (target < 0.5)."]
+            f"owlctl / reference wall time: **{doc['owlctl_over_reference_wall']:.2f}** (target < 0.5)."
+            + (f" Note: {doc['note']}." if doc.get("note") else "")]
 
 
 def main() -> None:
@@ -77,6 +78,12 @@ def main() -> None:
             parts += [f"## Pruning speed ({s['method']})", "", *speed(s), "",
                       f"Profiling alone ({s['nsamples']} x {s['seqlen']} tokens, one dense pass): {prof:.0f} s. "
                       f"Peak RSS of the benchmark process (two model copies alive): {o['peak_rss_mb']:.0f} MiB.", ""]
+    old = _load("bench_prune_loaded.json")
+    if old:
+        parts += ["An earlier run of the same script, while up to five other jobs shared the two cores "
+                  f"(`bench_prune_loaded.json`, before the faster mask selection landed): owlctl "
+                  f"{old['owlctl']['wall_s']} s vs {old['reference_structure']['wall_s']} s, ratio "
+                  f"{old['owlctl_over_reference_wall']:.2f}.", ""]
     st = _load("bench_startup.json")
     if st:
         parts += ["## Start-up", "", "| command | median wall s | minus bare python |", "|---|---|---|",
