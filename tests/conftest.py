@@ -35,3 +35,25 @@ def text_file(tmp_path_factory) -> Path:
     p = tmp_path_factory.mktemp("text") / "corpus.txt"
     p.write_text(TEXT)
     return p
+
+
+@pytest.fixture(scope="session")
+def pruned_tiny(tiny_llama, text_file, tmp_path_factory):
+    """factory: sparsity -> a fresh copy of a tiny llama pruned by uniform Wanda (pruned once per sparsity)."""
+    import shutil
+
+    from owlctl.ops.prune import PruneConfig, prune
+
+    built: dict[float, Path] = {}
+
+    def get(sparsity: float) -> Path:
+        if sparsity not in built:
+            out = tmp_path_factory.mktemp(f"pruned-{sparsity}") / "ck"
+            prune(PruneConfig(model=str(tiny_llama), output=out, method="wanda", uniform=True,
+                              target_sparsity=sparsity, calib=str(text_file), nsamples=4, seqlen=32, device="cpu"))
+            built[sparsity] = out
+        copy = tmp_path_factory.mktemp("ck-copy") / "ck"
+        shutil.copytree(built[sparsity], copy)
+        return copy
+
+    return get

@@ -13,13 +13,8 @@ runner = CliRunner()
 
 
 @pytest.fixture(scope="module")
-def pruned70(tiny_llama, text_file, tmp_path_factory):
-    from owlctl.ops.prune import PruneConfig, prune
-
-    out = tmp_path_factory.mktemp("pruned") / "ck"
-    prune(PruneConfig(model=str(tiny_llama), output=out, method="wanda", uniform=True, target_sparsity=0.7,
-                      calib=str(text_file), nsamples=4, seqlen=32, device="cpu"))
-    return out
+def pruned70(pruned_tiny):
+    return pruned_tiny(0.7)
 
 
 @pytest.fixture(autouse=True)

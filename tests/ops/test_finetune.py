@@ -28,13 +28,8 @@ def one_thread():
 
 
 @pytest.fixture(scope="module")
-def pruned(tiny_llama, text_file, tmp_path_factory) -> Path:
-    from owlctl.ops.prune import PruneConfig, prune
-
-    out = tmp_path_factory.mktemp("ft") / "ck"
-    prune(PruneConfig(model=str(tiny_llama), output=out, method="wanda", uniform=True, target_sparsity=0.5,
-                      calib=str(text_file), nsamples=4, seqlen=32, device="cpu"))
-    return out
+def pruned(pruned_tiny):
+    return pruned_tiny(0.5)
 
 
 def run(ckpt: Path, out: Path, text_file: Path, **kw) -> dict:
