@@ -16,12 +16,23 @@ class _LazyConsole:
         self._kwargs = kwargs
         self._console: Any = None
 
-    def __getattr__(self, name: str) -> Any:
+    def get(self) -> Any:
+        """The real rich Console (created now if needed): pass this, not the proxy, to rich."""
         if self._console is None:
             from rich.console import Console
 
             self._console = Console(**self._kwargs)
-        return getattr(self._console, name)
+        return self._console
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.get(), name)
+
+    # Dunder methods bypass __getattr__; rich's Live does `with console:`.
+    def __enter__(self) -> Any:
+        return self.get().__enter__()
+
+    def __exit__(self, *exc: Any) -> Any:
+        return self.get().__exit__(*exc)
 
 
 out = _LazyConsole(soft_wrap=True)  # results
@@ -71,7 +82,7 @@ class Progress:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress as RP, TextColumn, TimeElapsedColumn
 
         with RP(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                TextColumn("{task.fields[info]}"), console=err, transient=False) as p:
+                TextColumn("{task.fields[info]}"), console=err.get(), transient=False) as p:
             tid = p.add_task(description, total=total, info="")
             yield _RichTask(p, tid)
 
