@@ -1,4 +1,3 @@
-
 _owlctl_completion() {
     local IFS=$'
 '

@@ -33,3 +33,11 @@ class DataError(OwlctlError):
 
 class OutputExistsError(OwlctlError):
     """An output path exists and --force was not given."""
+
+
+class OutputError(OwlctlError):
+    """An output that cannot be written where asked (busy, read-only, too small a disk, the input itself)."""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread so cleanup runs exactly as for Ctrl-C (the CLI exits 143)."""

@@ -24,7 +24,8 @@ def generate() -> dict[Path, str]:
     files: dict[Path, str] = {}
     for shell, name in SHELLS.items():
         text = _run([], env={"_OWLCTL_COMPLETE": f"source_{shell}"})
-        files[ROOT / "completions" / name] = text.replace("python -m owlctl", "owlctl")
+        # zsh reads `#compdef` only on line 1 of a file in $fpath: no leading blank line
+        files[ROOT / "completions" / name] = text.replace("python -m owlctl", "owlctl").lstrip("\n")
     from owlctl.cli.main import COMMAND_MODULES, app  # noqa: F401
 
     import typer.main

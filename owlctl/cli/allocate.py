@@ -2,30 +2,10 @@
 
 from __future__ import annotations
 
-from enum import Enum
-from pathlib import Path
-from typing import Annotated, Optional
-
 import typer
 
 from owlctl.cli import console
-from owlctl.cli.options import Force, Json, Lambda, OutlierM, Output, Pattern, Quiet, TargetSparsity
-
-
-class Allocator(str, Enum):
-    owl = "owl"
-    uniform = "uniform"
-
-
-class Balance(str, Enum):
-    blocks = "blocks"
-    params = "params"
-
-
-class Clamp(str, Enum):
-    redistribute = "redistribute"
-    reference = "reference"
-    none = "none"
+from owlctl.cli.declare import command
 
 
 HELP = """Turn a profile into one sparsity per decoder block (OWL), in milliseconds, without the model.
@@ -45,61 +25,23 @@ Examples:
 """
 
 
-ProfileArg = Annotated[Path, typer.Argument(
-    help="profile.json written by `owlctl profile`.", metavar="PROFILE", show_default=False)]
-AllocatorOpt = Annotated[Allocator, typer.Option("--allocator", help="owl, or uniform (S in every block).")]
-SpecialOpt = Annotated[bool, typer.Option(
-    "--special", help="Mixed N:M only: a +1 step becomes +2 (the reference's wanda_owl_structure_special).")]
-BalanceOpt = Annotated[Balance, typer.Option(
-    "--balance", help="Keep the mean over blocks (reference) or over parameters.")]
-ClampOpt = Annotated[Clamp, typer.Option("--clamp", help=(
-    "redistribute: clip to [min, max] and shift the rest so the mean stays S; "
-    "reference: s <= 0 -> 0.01; none: error when out of [0, 1)."))]
-MinSparsity = Annotated[float, typer.Option("--min-sparsity", help="Lowest block sparsity (redistribute).")]
-MaxSparsity = Annotated[float, typer.Option("--max-sparsity", help="Highest block sparsity (redistribute).")]
-PlotOpt = Annotated[Optional[Path], typer.Option("--plot", show_default=False, help=(
-    "Also draw outlier ratio and sparsity per block (.png/.pdf/.svg; needs matplotlib)."))]
-
-
-def allocate_cmd(
-    profile: ProfileArg,
-    output: Output = None,
-    target_sparsity: TargetSparsity = None,
-    outlier_m: OutlierM = None,
-    lam: Lambda = None,
-    allocator: AllocatorOpt = Allocator.owl,
-    pattern: Pattern = None,
-    special: SpecialOpt = False,
-    balance: BalanceOpt = Balance.blocks,
-    clamp: ClampOpt = Clamp.redistribute,
-    min_sparsity: MinSparsity = 0.0,
-    max_sparsity: MaxSparsity = 0.99,
-    plot: PlotOpt = None,
-    json_out: Json = False,
-    force: Force = False,
-    quiet: Quiet = False,
-) -> None:
-    console.set_quiet(quiet)
+def allocate_body(cfg, json_out: bool = False, quiet: bool = False) -> None:
     from rich.markup import escape
 
-    from owlctl.ops.allocate import AllocateConfig, allocate
+    from owlctl.ops.allocate import allocate
 
-    if plot is not None:
+    if cfg.plot is not None:
         from owlctl.ops.plot import check_plot_path
 
-        check_plot_path(plot, force)
-    cfg = AllocateConfig(profile=profile, target_sparsity=target_sparsity, outlier_m=outlier_m, lam=lam,
-                         allocator=allocator.value, pattern=pattern, balance=balance.value, clamp=clamp.value,
-                         min_sparsity=min_sparsity, max_sparsity=max_sparsity, special=special, output=output,
-                         force=force)
+        check_plot_path(cfg.plot, cfg.force)
     doc = allocate(cfg)
-    if output is not None:
-        console.log(f"wrote {escape(str(output))}")
-    if plot is not None:
+    if cfg.output is not None:
+        console.log(f"wrote {escape(str(cfg.output))}")
+    if cfg.plot is not None:
         from owlctl.ops.plot import plot_allocation
 
-        plot_allocation(doc, plot, force=force)
-        console.log(f"wrote {escape(str(plot))}")
+        plot_allocation(doc, cfg.plot, force=cfg.force)
+        console.log(f"wrote {escape(str(cfg.plot))}")
     dense = [b["index"] for b in doc["blocks"] if b["n_keep"] == 0]
     if dense:
         console.warn(f"blocks {dense} keep 0 weights per group (fully pruned); lower --lambda or raise N")
@@ -152,4 +94,6 @@ def render(doc: dict) -> None:
 
 
 def register(app: typer.Typer) -> None:
-    app.command("allocate", help=HELP, no_args_is_help=True)(console.handle_errors(allocate_cmd))
+    from owlctl.ops.allocate import AllocateConfig
+
+    command(app, "allocate", AllocateConfig, allocate_body, help=HELP, no_args_is_help=True)

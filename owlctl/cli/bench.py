@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Annotated, Optional
-
 import typer
 
 from owlctl.cli import console
-from owlctl.cli.options import Device, Dtype, Json, Quiet
+from owlctl.cli.declare import command
 
 HELP = """Benchmark prefill and decode speed, per-step latency and memory; dense vs sparse in one run.
 
@@ -70,71 +67,31 @@ def render(doc: dict) -> None:
                           f"prefill x{_fmt(c['prefill_speedup'], '.2f')}", highlight=False)
 
 
-def register(app: typer.Typer) -> None:
-    @app.command("bench", help=HELP)
-    @console.handle_errors
-    def bench_cmd(
-        model: Annotated[Optional[str], typer.Argument(
-            help="Model: checkpoint or packed directory, ONNX export (onnxruntime/deepsparse), HF id, builtin:...")]
-        = None,
-        sparse: Annotated[Optional[str], typer.Option(
-            "--sparse", help="A second (pruned) model benchmarked beside MODEL; the ratio is sparse / MODEL.")]
-        = None,
-        backend: Annotated[str, typer.Option(
-            "--backend", help="torch | torch-sparse | onnxruntime | deepsparse")] = "torch",
-        cpu: Annotated[bool, typer.Option("--cpu", help="Short for --backend deepsparse (the reference's CPU "
-                                                         "path).")] = False,
-        setup: Annotated[bool, typer.Option(
-            "--setup", help="deepsparse: create the DeepSparse venv in the owlctl cache (pip, PyPI) first.")]
-        = False,
-        deepsparse_python: Annotated[Optional[Path], typer.Option(
-            "--deepsparse-python", help="deepsparse: the python of an existing DeepSparse 1.8.0 environment.")]
-        = None,
-        prompt_len: Annotated[int, typer.Option("--prompt-len", help="Prompt tokens per sequence.")] = 128,
-        new_tokens: Annotated[int, typer.Option("--new-tokens", help="Decode steps (one token each).")] = 32,
-        batch_size: Annotated[int, typer.Option("--batch-size", help="Sequences decoded together.")] = 1,
-        runs: Annotated[int, typer.Option("--runs", help="Timed runs (>= 3); the median is reported.")] = 3,
-        warmup: Annotated[int, typer.Option("--warmup", help="Untimed warm-up runs per row.")] = 1,
-        threads: Annotated[int, typer.Option(
-            "--threads", help="CPU threads (torch, onnxruntime, DeepSparse cores). owlctl's sparse kernels use "
-                              "one.")] = 1,
-        sparse_kernel: Annotated[str, typer.Option(
-            "--sparse-kernel", help="torch-sparse: auto | bitmask | csr | torch-csr | torch-bsr")] = "auto",
-        seed: Annotated[int, typer.Option("--seed", help="Seed of the random prompt.")] = 0,
-        device: Device = "cpu",
-        dtype: Dtype = "auto",
-        json_out: Json = False,
-        quiet: Quiet = False,
-    ) -> None:
-        console.set_quiet(quiet)
-        from owlctl.engine import deepsparse_host
-        from owlctl.errors import InputError
-        from owlctl.ops import bench as bench_ops
+def _body(cfg, json_out: bool, quiet: bool) -> None:
+    from owlctl.engine import deepsparse_host
+    from owlctl.errors import InputError
+    from owlctl.ops import bench as bench_ops
 
-        if cpu:
-            if backend not in ("torch", "deepsparse"):
-                raise InputError(f"--cpu means --backend deepsparse; it conflicts with --backend {backend}")
-            backend = "deepsparse"
-        if setup and backend != "deepsparse":
-            raise InputError("--setup prepares DeepSparse; use it with --cpu (or --backend deepsparse)")
-        if model is None:
-            if not setup:
-                raise InputError("MODEL is required", hint="e.g. `owlctl bench builtin:smollm2-135m`")
-            console.log(f"setting up DeepSparse in {deepsparse_host.deepsparse_venv()} (a few minutes)")
-            info = deepsparse_host.setup_deepsparse(log=console.log)
-            if json_out:
-                console.print_json(info)
-            else:
-                console.out.print(f"DeepSparse {info['deepsparse']} ready: {info['python']}", highlight=False)
-            return
-        cfg = bench_ops.BenchConfig(model=model, sparse=sparse, backend=backend, prompt_len=prompt_len,
-                                    new_tokens=new_tokens, batch_size=batch_size, runs=runs, warmup=warmup,
-                                    threads=threads, device=device, dtype=dtype, sparse_kernel=sparse_kernel,
-                                    seed=seed, deepsparse_python=deepsparse_python, setup=setup)
-        if setup:
-            console.log(f"setting up DeepSparse in {deepsparse_host.deepsparse_venv()} (a few minutes)")
-        doc = bench_ops.bench(cfg, progress=console.Progress())
+    if cfg.model is None:
+        if not cfg.setup:
+            raise InputError("MODEL is required", hint="e.g. `owlctl bench builtin:smollm2-135m`")
+        console.log(f"setting up DeepSparse in {deepsparse_host.deepsparse_venv()} (a few minutes)")
+        info = deepsparse_host.setup_deepsparse(log=console.log)
         if json_out:
-            console.print_json(doc)
+            console.print_json(info)
         else:
-            render(doc)
+            console.out.print(f"DeepSparse {info['deepsparse']} ready: {info['python']}", highlight=False)
+        return
+    if cfg.setup:
+        console.log(f"setting up DeepSparse in {deepsparse_host.deepsparse_venv()} (a few minutes)")
+    doc = bench_ops.bench(cfg, progress=console.Progress())
+    if json_out:
+        console.print_json(doc)
+    else:
+        render(doc)
+
+
+def register(app: typer.Typer) -> None:
+    from owlctl.ops.bench import BenchConfig
+
+    command(app, "bench", BenchConfig, _body, help=HELP)

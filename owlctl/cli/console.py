@@ -44,6 +44,7 @@ _quiet = False
 def set_quiet(q: bool) -> None:
     global _quiet
     _quiet = q
+    _install_log_handler()
 
 
 def quiet() -> bool:
@@ -68,16 +69,22 @@ def print_json(doc: Any) -> None:
 
 
 class Progress:
-    """Progress reporter handed to ops: a rich bar on stderr when it is a terminal and not quiet."""
+    """Progress reporter handed to ops (see owlctl.progress). On a terminal: a rich bar on stderr. Off a
+    terminal (nohup, a batch scheduler, `2> log`): one plain line per step, at most one per ~10 s for tasks
+    with many steps, e.g. `prune (wanda) block 7/30  41 s`. Nothing with -q."""
 
     def __init__(self) -> None:
-        self._enabled = (not _quiet) and err.is_terminal
-        self._progress = None
+        self.interactive = (not _quiet) and err.is_terminal
 
     @contextmanager
     def task(self, description: str, total: int | None) -> Iterator[Any]:
-        if not self._enabled:
-            yield _NullTask()
+        from owlctl.progress import NullTask
+
+        if _quiet:
+            yield NullTask()
+            return
+        if not self.interactive:
+            yield _PlainTask(description, total)
             return
         from rich.progress import BarColumn, MofNCompleteColumn, Progress as RP, TextColumn, TimeElapsedColumn
 
@@ -87,9 +94,30 @@ class Progress:
             yield _RichTask(p, tid)
 
 
-class _NullTask:
+class _PlainTask:
+    """Plain progress lines for logs: every step of a short task (blocks), every ~10 s of a long one."""
+
+    MANY = 64  # more steps than this: time-based lines
+    INTERVAL = 10.0
+
+    def __init__(self, description: str, total: int | None) -> None:
+        import time
+
+        self.description, self.total, self.done = description, total, 0
+        self.t0 = self.last = time.monotonic()
+
     def advance(self, n: int = 1, info: str | None = None) -> None:
-        pass
+        import time
+
+        self.done += n
+        now = time.monotonic()
+        final = self.total is not None and self.done >= self.total
+        many = self.total is None or self.total > self.MANY
+        if final or not many or now - self.last >= self.INTERVAL:
+            self.last = now
+            what = info or (f"{self.done}/{self.total}" if self.total is not None else str(self.done))
+            sys.stderr.write(f"{self.description} {what}  {now - self.t0:.0f} s\n")
+            sys.stderr.flush()
 
 
 class _RichTask:
@@ -103,33 +131,95 @@ class _RichTask:
             self.p.update(self.tid, advance=n, info=info)
 
 
+def _install_log_handler() -> None:
+    import logging
+
+    logger = logging.getLogger("owlctl")
+
+    class Handler(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if not _quiet:
+                log(record.getMessage())
+
+    if not any(getattr(h, "_owlctl_cli", False) for h in logger.handlers):
+        h = Handler(logging.INFO)
+        h._owlctl_cli = True  # type: ignore[attr-defined]
+        logger.addHandler(h)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+
+
+# errno values that mean "the environment refused the write", not a bug: shown as a message with a hint.
+_ENV_ERRNOS = {"ENOSPC": "free some space, or write to another disk with -o",
+               "EDQUOT": "the disk quota is exhausted; free some space, or choose another -o",
+               "EROFS": "the file system is read-only; choose a writable -o",
+               "EACCES": "you may not write there; choose another -o, or fix the permissions",
+               "EPERM": "you may not write there; choose another -o, or fix the permissions"}
+
+
+def _error(message: str, hint: str | None) -> None:
+    from rich.markup import escape
+
+    err.print(f"[red]error:[/red] {escape(message)}", highlight=False)
+    if hint:
+        err.print(f"[dim]hint:[/dim] {escape(hint)}", highlight=False)
+
+
+def _interrupted(what: str) -> None:
+    from owlctl.formats._io import finished_outputs
+
+    done = finished_outputs()
+    kept = f"; finished before that and kept: {', '.join(done)}" if done else ""
+    err.print(f"[red]{what}[/red]: no partial output was left behind{kept}", highlight=False)
+
+
 def handle_errors(fn):
-    """Decorator for command bodies: known failures -> message + hint on stderr, exit 1; Ctrl-C -> 130.
+    """Decorator for command bodies: known failures -> message + hint on stderr, exit 1; Ctrl-C -> 130;
+    SIGTERM (timeout, Slurm, docker, Kubernetes) is handled like Ctrl-C -> 143. Temporary outputs are
+    removed by the context managers that made them before the message is printed.
 
     Unknown exceptions are bugs and keep their traceback. OWLCTL_DEBUG=1 shows tracebacks always.
     """
+    import errno
     import functools
     import os
+    import signal
 
     import typer
 
-    from owlctl.errors import OwlctlError
+    from owlctl.errors import OwlctlError, Terminated
+
+    def on_sigterm(signum: int, frame: Any) -> None:
+        raise Terminated()
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            previous = signal.signal(signal.SIGTERM, on_sigterm)
+        except ValueError:  # not the main thread
+            previous = None
         try:
             return fn(*args, **kwargs)
         except OwlctlError as e:
             if os.environ.get("OWLCTL_DEBUG") == "1":
                 raise
-            from rich.markup import escape
-
-            err.print(f"[red]error:[/red] {escape(e.message)}", highlight=False)
-            if e.hint:
-                err.print(f"[dim]hint:[/dim] {escape(e.hint)}", highlight=False)
+            _error(e.message, e.hint)
             raise typer.Exit(1) from None
+        except OSError as e:
+            name = errno.errorcode.get(e.errno or -1, "")
+            if name not in _ENV_ERRNOS or os.environ.get("OWLCTL_DEBUG") == "1":
+                raise
+            where = f": {e.filename}" if e.filename else ""
+            _error(f"{e.strerror or e}{where}; nothing was written", _ENV_ERRNOS[name])
+            raise typer.Exit(1) from None
+        except Terminated:
+            _interrupted("terminated (SIGTERM)")
+            raise typer.Exit(143) from None
         except KeyboardInterrupt:
-            err.print("[red]interrupted[/red]: no partial output was left behind", highlight=False)
+            _interrupted("interrupted")
             raise typer.Exit(130) from None
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGTERM, previous)
 
     return wrapper

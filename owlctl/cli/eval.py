@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Optional
-
 import typer
 
 from owlctl.cli import console
-from owlctl.cli.options import Device, Dtype, Json, Quiet
+from owlctl.cli.declare import command
 
 HELP = """Measure a model's perplexity, audit its sparsity, and optionally run zero-shot tasks.
 
@@ -28,68 +26,22 @@ Examples:
 """
 
 
-def _split_list(values: list[str] | None) -> tuple[str, ...] | None:
-    if not values:
-        return None
-    out = [v.strip() for item in values for v in item.split(",") if v.strip()]
-    return tuple(out)
+def _body(cfg, json_out: bool, quiet: bool) -> None:
+    from owlctl.ops.evaluate import evaluate
+
+    console.log(f"evaluating {cfg.model}" + (f" against {cfg.compare}" if cfg.compare else ""))
+    # No bars (-q, or stderr is not a terminal): progress None also mutes lm-eval's own bars.
+    doc = evaluate(cfg, progress=console.Progress())
+    if json_out:
+        console.print_json(doc)
+        return
+    render(doc)
 
 
 def register(app: typer.Typer) -> None:
-    @app.command("eval", help=HELP)
-    @console.handle_errors
-    def eval_cmd(
-        model: Annotated[str, typer.Argument(
-            help="Checkpoint directory, HF hub id, local model directory, or builtin:smollm2-135m.")],
-        data: Annotated[Optional[list[str]], typer.Option(
-            "--data", help="builtin:wiki | wikitext2 | c4 | a local .txt/.jsonl file or folder; repeatable "
-                           "(default: builtin:wiki for the built-in model, wikitext2 otherwise).")] = None,
-        split: Annotated[str, typer.Option("--split", help="test | validation (never the calibration text).")]
-        = "test",
-        seqlen: Annotated[Optional[int], typer.Option(
-            "--seqlen", help="Tokens per evaluation window (default: 2048, built-in: 512).")] = None,
-        batch_size: Annotated[int, typer.Option(
-            "--batch-size", help="Windows per forward pass (and lm-eval batch size); the result does not change.")]
-        = 1,
-        max_windows: Annotated[Optional[int], typer.Option(
-            "--max-windows", help="Score only the first N windows (quick checks; c4 is always capped at 256).")]
-        = None,
-        no_ppl: Annotated[bool, typer.Option("--no-ppl", help="Skip perplexity (zero-shot and audit only).")]
-        = False,
-        zeroshot: Annotated[bool, typer.Option(
-            "--zeroshot", help="Run the paper's seven zero-shot tasks (boolq, rte, hellaswag, winogrande, "
-                               "arc_easy, arc_challenge, openbookqa).")] = False,
-        tasks: Annotated[Optional[list[str]], typer.Option(
-            "--tasks", help="Comma-separated lm-eval task names ('paper' = the seven); implies zero-shot.")]
-        = None,
-        limit: Annotated[Optional[int], typer.Option(
-            "--limit", help="At most N examples per zero-shot task (quick checks only).")] = None,
-        task_dir: Annotated[Optional[str], typer.Option(
-            "--task-dir", help="A folder of extra lm-eval task YAML files.")] = None,
-        compare: Annotated[Optional[str], typer.Option(
-            "--compare", help="A second model evaluated on the identical token windows; reports other/this.")]
-        = None,
-        device: Device = "auto",
-        dtype: Dtype = "auto",
-        json_out: Json = False,
-        quiet: Quiet = False,
-    ) -> None:
-        console.set_quiet(quiet)
-        from owlctl.ops.evaluate import EvalConfig, evaluate
+    from owlctl.ops.evaluate import EvalConfig
 
-        task_list = _split_list(tasks)
-        if zeroshot and task_list is None:
-            task_list = ("paper",)
-        cfg = EvalConfig(model=model, data=_split_list(data), split=split, seqlen=seqlen, batch_size=batch_size,
-                         max_windows=max_windows, ppl=not no_ppl, tasks=task_list, limit=limit, task_dir=task_dir,
-                         compare=compare, device=device, dtype=dtype)
-        console.log(f"evaluating {model}" + (f" against {compare}" if compare else ""))
-        # No bars (-q, or stderr is not a terminal): progress None also mutes lm-eval's own bars.
-        doc = evaluate(cfg, progress=console.Progress() if not quiet and console.err.is_terminal else None)
-        if json_out:
-            console.print_json(doc)
-            return
-        render(doc)
+    command(app, "eval", EvalConfig, _body, help=HELP)
 
 
 def _name(model: dict) -> str:

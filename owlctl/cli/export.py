@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Annotated
-
 import typer
 
 from owlctl.cli import console
-from owlctl.cli.options import Dtype, Force, Json, Quiet
+from owlctl.cli.declare import command
 
 HELP = """Export a checkpoint as an ONNX graph or as a packed sparse directory.
 
@@ -60,33 +57,18 @@ def render(doc: dict) -> None:
     console.out.print(t)
 
 
-def register(app: typer.Typer) -> None:
-    @app.command("export", help=HELP)
-    @console.handle_errors
-    def export_cmd(
-        checkpoint: Annotated[str, typer.Argument(
-            help="Checkpoint directory, packed directory, HF hub id, or builtin:smollm2-135m.")],
-        output: Annotated[Path, typer.Option("--output", "-o", help="Directory to write.")],
-        fmt: Annotated[str, typer.Option("--format", help="onnx | packed")] = "onnx",
-        kv_cache: Annotated[bool, typer.Option(
-            "--kv-cache/--no-kv-cache", help="onnx: past key/values in, present out (for decoding).")] = True,
-        tolerance: Annotated[float, typer.Option(
-            "--tolerance", help="onnx: largest allowed |onnxruntime - PyTorch| on the checked outputs.")] = 1e-3,
-        no_verify: Annotated[bool, typer.Option("--no-verify", help="onnx: skip the onnxruntime check.")] = False,
-        threads: Annotated[int, typer.Option("--threads", help="CPU threads for tracing and the check.")] = 1,
-        dtype: Dtype = "auto",
-        force: Force = False,
-        json_out: Json = False,
-        quiet: Quiet = False,
-    ) -> None:
-        console.set_quiet(quiet)
-        from owlctl.ops.export import ExportConfig, export
+def _body(cfg, json_out: bool, quiet: bool) -> None:
+    from owlctl.ops.export import export
 
-        cfg = ExportConfig(checkpoint=checkpoint, output=output, format=fmt, kv_cache=kv_cache, tolerance=tolerance,
-                           verify=not no_verify, threads=threads, dtype=dtype, force=force)
-        console.log(f"exporting {checkpoint} as {fmt} to {output}")
-        doc = export(cfg, progress=console.Progress())
-        if json_out:
-            console.print_json(doc)
-        else:
-            render(doc)
+    console.log(f"exporting {cfg.checkpoint} as {cfg.format} to {cfg.output}")
+    doc = export(cfg, progress=console.Progress())
+    if json_out:
+        console.print_json(doc)
+    else:
+        render(doc)
+
+
+def register(app: typer.Typer) -> None:
+    from owlctl.ops.export import ExportConfig
+
+    command(app, "export", ExportConfig, _body, help=HELP)

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import warnings
 from contextlib import contextmanager
-from pathlib import Path
-from typing import Annotated, Any, Iterator, Optional
+from typing import Any, Iterator, Optional
 
 import typer
 
 from owlctl.cli import console
-from owlctl.cli.options import Dtype, Force, Json, Quiet, Seed
+from owlctl.cli.declare import command
 
 HELP = """LoRA-finetune a pruned checkpoint and save it with every pruned weight still zero.
 
@@ -94,73 +93,21 @@ def render_summary(res: dict) -> None:
     console.out.print(t)
 
 
-def register(app: typer.Typer) -> None:
-    @app.command("finetune", help=HELP)
-    @console.handle_errors
-    def finetune_cmd(
-        checkpoint: Annotated[Path, typer.Argument(help="Checkpoint directory (from `owlctl prune` / `owlctl nm`).")],
-        output: Annotated[Path, typer.Option("--output", "-o", help="Directory to write (model or adapter).")],
-        keep_sparsity: Annotated[str, typer.Option(
-            "--keep-sparsity", help="merge-mask (merge, then re-apply the zero mask) | masked-lora (train the "
-            "update times the mask: the merge is exact).")] = "merge-mask",
-        adapter_only: Annotated[bool, typer.Option(
-            "--adapter-only", help="Save only the unmerged peft adapter (PeftModel.from_pretrained(base, DIR)).")]
-        = False,
-        targets: Annotated[str, typer.Option(
-            "--targets", help="Linears to adapt: a comma list (q_proj,v_proj) or all-linear.")] = "q_proj,v_proj",
-        rank: Annotated[int, typer.Option("--rank", "-r", help="LoRA rank r.")] = 8,
-        alpha: Annotated[float, typer.Option("--alpha", help="LoRA alpha; the update is scaled by alpha / r.")]
-        = 16.0,
-        dropout: Annotated[float, typer.Option("--dropout", help="Dropout on the adapter's input.")] = 0.05,
-        lr: Annotated[float, typer.Option("--lr", help="Peak learning rate (AdamW).")] = 1e-4,
-        weight_decay: Annotated[float, typer.Option("--weight-decay", help="AdamW weight decay.")] = 0.0,
-        warmup_steps: Annotated[int, typer.Option("--warmup-steps", help="Linear warmup updates.")] = 5,
-        max_grad_norm: Annotated[float, typer.Option(
-            "--max-grad-norm", help="Clip the gradient norm (0: no clipping).")] = 1.0,
-        steps: Annotated[Optional[int], typer.Option(
-            "--steps", help="Optimizer updates (default: one epoch of the data).")] = None,
-        epochs: Annotated[Optional[float], typer.Option("--epochs", help="Passes over the training data.")] = None,
-        batch_size: Annotated[int, typer.Option(
-            "--batch-size", help="Sequences per micro-batch on each process.")] = 2,
-        effective_batch: Annotated[int, typer.Option(
-            "--effective-batch", help="Sequences per update over all processes (sets the accumulation).")] = 128,
-        block_size: Annotated[int, typer.Option("--block-size", help="Tokens per training/eval sequence.")] = 1024,
-        data: Annotated[Optional[str], typer.Option(
-            "--data", help="builtin:wiki | c4 | wikitext2 | a local .txt/.jsonl file or folder (default: "
-            "builtin:wiki for the built-in model, c4 otherwise).")] = None,
-        eval_windows: Annotated[Optional[int], typer.Option(
-            "--eval-windows", help="Validation windows before/after (default 128, built-in 16; 0: no eval).")]
-        = None,
-        gradient_checkpointing: Annotated[Optional[bool], typer.Option(
-            "--gradient-checkpointing/--no-gradient-checkpointing",
-            help="Recompute activations in backward (default: on above 1B parameters).")] = None,
-        mixed_precision: Annotated[Optional[str], typer.Option(
-            "--mixed-precision", help="no | fp16 | bf16 (default: as accelerate is configured).")] = None,
-        device: Annotated[str, typer.Option(
-            "--device", help="auto | cpu | cuda (under accelerate launch the launcher places processes).")]
-        = "auto",
-        dtype: Dtype = "auto",
-        seed: Seed = 0,
-        force: Force = False,
-        json_out: Json = False,
-        quiet: Quiet = False,
-    ) -> None:
-        console.set_quiet(quiet)
-        from owlctl.ops.finetune import FinetuneConfig, finetune
+def _body(cfg, json_out: bool, quiet: bool) -> None:
+    from owlctl.ops.finetune import finetune
 
-        cfg = FinetuneConfig(
-            checkpoint=checkpoint, output=output, keep_sparsity=keep_sparsity, adapter_only=adapter_only,
-            targets=targets, rank=rank, alpha=alpha, dropout=dropout, lr=lr, weight_decay=weight_decay,
-            warmup_steps=warmup_steps, max_grad_norm=max_grad_norm or None, block_size=block_size,
-            batch_size=batch_size, effective_batch=effective_batch, steps=steps, epochs=epochs, data=data,
-            eval_windows=eval_windows, gradient_checkpointing=gradient_checkpointing,
-            mixed_precision=mixed_precision, device=device, dtype=dtype, seed=seed, force=force)
-        with _warnings_to_stderr():
-            res = finetune(cfg, progress=console.Progress())
-        if not res["_main"]:  # other accelerate processes: the main one reports
-            return
-        res = {k: v for k, v in res.items() if not k.startswith("_")}
-        if json_out:
-            console.print_json(res)
-        else:
-            render_summary(res)
+    with _warnings_to_stderr():
+        res = finetune(cfg, progress=console.Progress())
+    if not res["_main"]:  # other accelerate processes: the main one reports
+        return
+    res = {k: v for k, v in res.items() if not k.startswith("_")}
+    if json_out:
+        console.print_json(res)
+    else:
+        render_summary(res)
+
+
+def register(app: typer.Typer) -> None:
+    from owlctl.ops.finetune import FinetuneConfig
+
+    command(app, "finetune", FinetuneConfig, _body, help=HELP)

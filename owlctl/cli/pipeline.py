@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Annotated, Optional
-
 import typer
 
 from owlctl.cli import console
-from owlctl.cli.options import BatchSize, Calib, Device, Dtype, Force, Json, NSamples, Quiet, SeqLen, Seed
+from owlctl.cli.declare import command
 
 HELP = """Run the whole OWL comparison on one model: dense vs uniform vs OWL perplexity.
 
@@ -27,50 +24,20 @@ Examples:
 """
 
 
-def register(app: typer.Typer) -> None:
-    @app.command("pipeline", help=HELP)
-    @console.handle_errors
-    def pipeline_cmd(
-        model: Annotated[str, typer.Argument(help="HF hub id, local model directory, or builtin:smollm2-135m.")]
-        = "builtin:smollm2-135m",
-        method: Annotated[str, typer.Option("--method", help="magnitude | wanda | sparsegpt")] = "wanda",
-        target_sparsity: Annotated[float, typer.Option("--target-sparsity", "-s", help="Fraction pruned.")] = 0.7,
-        outlier_m: Annotated[float, typer.Option("--outlier-m", "-m", help="Outlier threshold M.")] = 5.0,
-        lam: Annotated[float, typer.Option("--lambda", "-l", help="OWL range lambda.")] = 0.08,
-        output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Folder for profile, allocations, results.")]
-        = None,
-        save_checkpoints: Annotated[bool, typer.Option("--save-checkpoints", help="Also save both pruned models.")]
-        = False,
-        eval_data: Annotated[Optional[str], typer.Option("--eval-data", help="builtin:wiki | wikitext2 | c4 | FILE")]
-        = None,
-        eval_split: Annotated[str, typer.Option("--eval-split", help="test | validation")] = "test",
-        eval_seqlen: Annotated[Optional[int], typer.Option("--eval-seqlen", help="Evaluation window length.")] = None,
-        max_windows: Annotated[Optional[int], typer.Option("--max-windows", help="Evaluate at most N windows.")]
-        = None,
-        calib: Calib = None,  # type: ignore[assignment]
-        nsamples: NSamples = None,
-        seqlen: SeqLen = None,
-        seed: Seed = 0,
-        batch_size: BatchSize = 8,
-        device: Device = "auto",
-        dtype: Dtype = "auto",
-        force: Force = False,
-        json_out: Json = False,
-        quiet: Quiet = False,
-    ) -> None:
-        console.set_quiet(quiet)
-        from owlctl.ops.pipeline import PipelineConfig, pipeline
+def _body(cfg, json_out: bool, quiet: bool) -> None:
+    from owlctl.ops.pipeline import pipeline
 
-        cfg = PipelineConfig(model=model, method=method, target_sparsity=target_sparsity, outlier_m=outlier_m,
-                             lam=lam, calib=calib, nsamples=nsamples, seqlen=seqlen, seed=seed,
-                             batch_size=batch_size, eval_data=eval_data, eval_split=eval_split,
-                             eval_seqlen=eval_seqlen, max_windows=max_windows, output=output,
-                             save_checkpoints=save_checkpoints, device=device, dtype=dtype, force=force)
-        doc = pipeline(cfg, progress=console.Progress(), log=console.log)
-        if json_out:
-            console.print_json(doc)
-            return
-        render(doc)
+    doc = pipeline(cfg, progress=console.Progress(), log=console.log)
+    if json_out:
+        console.print_json(doc)
+        return
+    render(doc)
+
+
+def register(app: typer.Typer) -> None:
+    from owlctl.ops.pipeline import PipelineConfig
+
+    command(app, "pipeline", PipelineConfig, _body, help=HELP)
 
 
 def render(doc: dict) -> None:

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Optional
-
 import typer
 
 from owlctl.cli import console
-from owlctl.cli.options import BatchSize, Calib, Device, Dtype, Force, Json, NSamples, Quiet, SeqLen, Seed
+from owlctl.cli.declare import command
 
 HELP = """Measure each decoder block's outlier ratio on calibration data (one dense pass).
 
@@ -23,49 +21,22 @@ Examples:
 """
 
 
-def _parse_ms(text: str) -> tuple[float, ...]:
-    from owlctl.errors import InputError
+def _body(cfg, json_out: bool, quiet: bool) -> None:
+    from owlctl.ops.profile import profile
 
-    try:
-        return tuple(float(x) for x in text.split(",") if x.strip())
-    except ValueError:
-        raise InputError(f"--outlier-m takes comma-separated numbers, got {text!r}", hint="e.g. 3,4,5,6") from None
+    if cfg.output is None:
+        console.warn("no -o given: the profile is only printed, not saved")
+    res = profile(cfg, progress=console.Progress())
+    if json_out:
+        console.print_json(res)
+        return
+    _render(res)
 
 
 def register(app: typer.Typer) -> None:
-    @app.command("profile", help=HELP)
-    @console.handle_errors
-    def profile_cmd(
-        model: Annotated[str, typer.Argument(help="HF hub id, local model directory, or builtin:smollm2-135m.")],
-        output: Annotated[Optional[str], typer.Option("--output", "-o", help="Profile JSON to write.")] = None,
-        outlier_m: Annotated[str, typer.Option("--outlier-m", "-m", help="Comma-separated M values to count.")]
-        = "3,4,5,6,7,8,9,10",
-        calib: Calib = None,  # type: ignore[assignment]
-        nsamples: NSamples = None,
-        seqlen: SeqLen = None,
-        seed: Seed = 0,
-        batch_size: BatchSize = 8,
-        device: Device = "auto",
-        dtype: Dtype = "auto",
-        force: Force = False,
-        json_out: Json = False,
-        quiet: Quiet = False,
-    ) -> None:
-        from pathlib import Path
+    from owlctl.ops.profile import ProfileConfig
 
-        console.set_quiet(quiet)
-        from owlctl.ops.profile import ProfileConfig, profile
-
-        if output is None:
-            console.warn("no -o given: the profile is only printed, not saved")
-        cfg = ProfileConfig(model=model, output=Path(output) if output else None, outlier_m=_parse_ms(outlier_m),
-                            calib=calib, nsamples=nsamples, seqlen=seqlen, seed=seed, batch_size=batch_size,
-                            device=device, dtype=dtype, force=force)
-        res = profile(cfg, progress=console.Progress())
-        if json_out:
-            console.print_json(res)
-            return
-        _render(res)
+    command(app, "profile", ProfileConfig, _body, help=HELP)
 
 
 def _render(res: dict) -> None:

@@ -2,14 +2,10 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Annotated, Any, Optional
-
 import typer
 
 from owlctl.cli import console
-from owlctl.cli.options import (BatchSize, Calib, Device, Dtype, Force, Json, Lambda, NSamples, OutlierM, Quiet,
-                                SeqLen, Seed, TargetSparsity)
+from owlctl.cli.declare import command
 
 PRUNE_HELP = """Prune a model's decoder blocks and save a checkpoint plain transformers loads.
 
@@ -40,18 +36,17 @@ Examples:
 """
 
 
-def _run(kind: str, **kw: Any) -> None:
-    json_out = kw.pop("json_out")
-    console.set_quiet(kw.pop("quiet"))
-    from owlctl.ops import prune as prune_ops
+def _body(kind: str):
+    def body(cfg, json_out: bool, quiet: bool) -> None:
+        from owlctl.ops import prune as prune_ops
 
-    cfg = prune_ops.PruneConfig(**kw)
-    res = getattr(prune_ops, kind)(cfg, progress=console.Progress())
-    res = {k: v for k, v in res.items() if not k.startswith("_")}
-    if json_out:
-        console.print_json(res)
-    else:
-        render_summary(res)
+        res = getattr(prune_ops, kind)(cfg, progress=console.Progress())
+        res = {k: v for k, v in res.items() if not k.startswith("_")}
+        if json_out:
+            console.print_json(res)
+        else:
+            render_summary(res)
+    return body
 
 
 def render_summary(res: dict) -> None:
@@ -80,71 +75,7 @@ def render_summary(res: dict) -> None:
 
 
 def register(app: typer.Typer) -> None:
-    @app.command("prune", help=PRUNE_HELP)
-    @console.handle_errors
-    def prune_cmd(
-        model: Annotated[str, typer.Argument(help="HF hub id, local model directory, or builtin:smollm2-135m.")],
-        output: Annotated[Path, typer.Option("--output", "-o", help="Checkpoint directory to write.")],
-        method: Annotated[str, typer.Option("--method", help="magnitude | wanda | sparsegpt")] = "wanda",
-        uniform: Annotated[bool, typer.Option("--uniform", help="Same sparsity S for every block.")] = False,
-        from_profile: Annotated[Optional[Path], typer.Option("--from-profile", help="OWL from this profile.")] = None,
-        allocation: Annotated[Optional[Path], typer.Option("--allocation", help="Per-block allocation JSON.")] = None,
-        target_sparsity: TargetSparsity = None,
-        outlier_m: OutlierM = None,
-        lam: Lambda = None,
-        balance: Annotated[str, typer.Option("--balance", help="blocks (reference) | params")] = "blocks",
-        clamp: Annotated[str, typer.Option("--clamp", help="redistribute | reference | none")] = "redistribute",
-        wanda_group: Annotated[str, typer.Option("--wanda-group", help="row (reference) | matrix")] = "row",
-        wanda_variant: Annotated[bool, typer.Option("--wanda-variant", help="Wanda's cumulative-mass variant.")]
-        = False,
-        blocksize: Annotated[int, typer.Option("--blocksize", help="SparseGPT column block.")] = 128,
-        percdamp: Annotated[float, typer.Option("--percdamp", help="SparseGPT damping (x mean diag H).")] = 0.01,
-        calib: Calib = None,  # type: ignore[assignment]
-        nsamples: NSamples = None,
-        seqlen: SeqLen = None,
-        seed: Seed = 0,
-        batch_size: BatchSize = 8,
-        device: Device = "auto",
-        dtype: Dtype = "auto",
-        force: Force = False,
-        json_out: Json = False,
-        quiet: Quiet = False,
-    ) -> None:
-        _run("prune", model=model, output=output, method=method, uniform=uniform, from_profile=from_profile,
-             allocation=allocation, target_sparsity=target_sparsity, outlier_m=outlier_m, lam=lam, balance=balance,
-             clamp=clamp, wanda_group=wanda_group, wanda_variant=wanda_variant, blocksize=blocksize,
-             percdamp=percdamp, calib=calib, nsamples=nsamples, seqlen=seqlen, seed=seed, batch_size=batch_size,
-             device=device, dtype=dtype, force=force, json_out=json_out, quiet=quiet)
+    from owlctl.ops.prune import NM_ONLY, PRUNE_ONLY, PruneConfig
 
-    @app.command("nm", help=NM_HELP)
-    @console.handle_errors
-    def nm_cmd(
-        model: Annotated[str, typer.Argument(help="HF hub id, local model directory, or builtin:smollm2-135m.")],
-        output: Annotated[Path, typer.Option("--output", "-o", help="Checkpoint directory to write.")],
-        pattern: Annotated[Optional[str], typer.Option(
-            "--pattern", help="N:M, N weights KEPT per M (2:4 = 50%; the reference's '5:8' is 3:8).")] = None,
-        method: Annotated[str, typer.Option("--method", help="magnitude | wanda | sparsegpt")] = "wanda",
-        from_profile: Annotated[Optional[Path], typer.Option("--from-profile", help="Mixed N:M from a profile.")]
-        = None,
-        allocation: Annotated[Optional[Path], typer.Option("--allocation", help="Mixed N:M allocation JSON.")]
-        = None,
-        outlier_m: OutlierM = None,
-        lam: Lambda = None,
-        special: Annotated[bool, typer.Option("--special", help="Reference parity: a step of +1 becomes +2.")]
-        = False,
-        calib: Calib = None,  # type: ignore[assignment]
-        nsamples: NSamples = None,
-        seqlen: SeqLen = None,
-        seed: Seed = 0,
-        batch_size: BatchSize = 8,
-        device: Device = "auto",
-        dtype: Dtype = "auto",
-        force: Force = False,
-        json_out: Json = False,
-        quiet: Quiet = False,
-    ) -> None:
-        uniform = from_profile is None and allocation is None
-        _run("nm", model=model, output=output, method=method, uniform=uniform, from_profile=from_profile,
-             allocation=allocation, pattern=pattern, outlier_m=outlier_m, lam=lam, special=special, calib=calib,
-             nsamples=nsamples, seqlen=seqlen, seed=seed, batch_size=batch_size, device=device, dtype=dtype,
-             force=force, json_out=json_out, quiet=quiet)
+    command(app, "prune", PruneConfig, _body("prune"), help=PRUNE_HELP, exclude=NM_ONLY)
+    command(app, "nm", PruneConfig, _body("nm"), help=NM_HELP, exclude=PRUNE_ONLY)

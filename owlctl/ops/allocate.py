@@ -16,26 +16,30 @@ from owlctl.errors import InputError
 from owlctl.formats.allocation import ALLOCATORS, BALANCES, CLAMPS, build_allocation_doc, write_allocation
 from owlctl.formats.profile import (block_names, block_numels, block_ratios, m_key, read_profile,
                                    validate_profile)
+from owlctl.options import (ALLOCATOR, BALANCE, CLAMP, FORCE, LAMBDA, OUTLIER_M, OUTPUT, PATTERN, SPECIAL,
+                            TARGET_SPARSITY, arg, opt)
 
 UNSTRUCTURED_DEFAULTS = {"outlier_m": 5.0, "lam": 0.08}
 NM_DEFAULTS = {"outlier_m": 6.0, "lam": 2.0}
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class AllocateConfig:
-    profile: Path
-    target_sparsity: float | None = None
-    outlier_m: float | None = None
-    lam: float | None = None
-    allocator: str = "owl"
-    pattern: str | None = None
-    balance: str = "blocks"
-    clamp: str = "redistribute"
-    min_sparsity: float = 0.0
-    max_sparsity: float = 0.99
-    special: bool = False
-    output: Path | None = None
-    force: bool = False
+    profile: Path = arg("profile.json written by `owlctl profile`.", metavar="PROFILE", show_default=False)()
+    output: Path | None = OUTPUT(None, help="Allocation JSON to write.")
+    target_sparsity: float | None = TARGET_SPARSITY(None)
+    outlier_m: float | None = OUTLIER_M(None)
+    lam: float | None = LAMBDA(None)
+    allocator: str = ALLOCATOR("owl")
+    pattern: str | None = PATTERN(None)
+    special: bool = SPECIAL(False)
+    balance: str = BALANCE("blocks")
+    clamp: str = CLAMP("redistribute")
+    min_sparsity: float = opt("--min-sparsity", help="Lowest block sparsity (redistribute).")(0.0)
+    max_sparsity: float = opt("--max-sparsity", help="Highest block sparsity (redistribute).")(0.99)
+    plot: Path | None = opt("--plot", show_default=False, help="Also draw outlier ratio and sparsity per block "
+                            "(.png/.pdf/.svg; needs matplotlib).")(None)
+    force: bool = FORCE(False)
 
 
 def parse_pattern(text: str | tuple[int, int] | None) -> tuple[int, int] | None:

@@ -22,27 +22,43 @@ from pathlib import Path
 from typing import Any, Callable
 
 from owlctl.errors import InputError, ModelError
+from owlctl.options import DEVICE, DTYPE, Backend, SparseKernel, arg, opt
 
-BACKENDS = ("torch", "torch-sparse", "onnxruntime", "deepsparse")
+BACKENDS = Backend.values()
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class BenchConfig:
-    model: str
-    sparse: str | None = None
-    backend: str = "torch"
-    prompt_len: int = 128
-    new_tokens: int = 32
-    batch_size: int = 1
-    runs: int = 3
-    warmup: int = 1
-    threads: int = 1
-    device: str = "cpu"
-    dtype: str = "auto"
-    sparse_kernel: str = "auto"
-    seed: int = 0
-    deepsparse_python: Path | None = None
-    setup: bool = False  # deepsparse: create the venv first
+    model: str | None = arg("Model: checkpoint or packed directory, ONNX export (onnxruntime/deepsparse), HF id, "
+                            "builtin:...")(None)
+    sparse: str | None = opt("--sparse", help="A second (pruned) model benchmarked beside MODEL; the ratio is "
+                             "sparse / MODEL.")(None)
+    backend: str = opt("--backend", help="Runtime to measure (see above).", choices=Backend)("torch")
+    cpu: bool = opt("--cpu", help="Short for --backend deepsparse (the reference's CPU path).")(False)
+    setup: bool = opt("--setup", help="deepsparse: create the DeepSparse venv in the owlctl cache (pip, PyPI) "
+                      "first.")(False)
+    deepsparse_python: Path | None = opt("--deepsparse-python", help="deepsparse: the python of an existing "
+                                         "DeepSparse 1.8.0 environment.")(None)
+    prompt_len: int = opt("--prompt-len", help="Prompt tokens per sequence.", min=1)(128)
+    new_tokens: int = opt("--new-tokens", help="Decode steps (one token each).", min=1)(32)
+    batch_size: int = opt("--batch-size", help="Sequences decoded together.", min=1)(1)
+    runs: int = opt("--runs", help="Timed runs (>= 3); the median is reported.", min=3)(3)
+    warmup: int = opt("--warmup", help="Untimed warm-up runs per row.", min=0)(1)
+    threads: int = opt("--threads", help="CPU threads (torch, onnxruntime, DeepSparse cores). owlctl's sparse "
+                       "kernels use one.", min=1)(1)
+    sparse_kernel: str = opt("--sparse-kernel", help="torch-sparse: which sparse kernel.",
+                             choices=SparseKernel)("auto")
+    seed: int = opt("--seed", help="Seed of the random prompt.")(0)
+    device: str = DEVICE("cpu")
+    dtype: str = DTYPE("auto")
+
+    def __post_init__(self) -> None:
+        if self.cpu:
+            if self.backend not in ("torch", "deepsparse"):
+                raise InputError(f"--cpu means --backend deepsparse; it conflicts with --backend {self.backend}")
+            object.__setattr__(self, "backend", "deepsparse")
+        if self.setup and self.backend != "deepsparse":
+            raise InputError("--setup prepares DeepSparse; use it with --cpu (or --backend deepsparse)")
 
 
 # ---------------------------------------------------------------------------------------------- helpers

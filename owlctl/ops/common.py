@@ -13,8 +13,37 @@ BUILTIN_CALIB = {"source": "builtin:wiki", "nsamples": 32, "seqlen": 512}
 
 
 def calib_defaults(model: str, calib: str | None, nsamples: int | None, seqlen: int | None) -> tuple[str, int, int]:
+    """(source, nsamples, seqlen) with the defaults filled in; 0 or less is an error, not "the default"."""
+    from owlctl.errors import InputError
+
     base = BUILTIN_CALIB if model == BUILTIN_MODEL else DEFAULT_CALIB
-    return (calib or base["source"], nsamples or base["nsamples"], seqlen or base["seqlen"])
+    if nsamples is not None and nsamples < 1:
+        raise InputError(f"--nsamples must be >= 1, got {nsamples}")
+    if seqlen is not None and seqlen < 2:
+        raise InputError(f"--seqlen must be >= 2, got {seqlen}")
+    return (calib or base["source"], base["nsamples"] if nsamples is None else nsamples,
+            base["seqlen"] if seqlen is None else seqlen)
+
+
+def output_claim(path: Any, force: bool, kind: str, inputs: Any = (), need_bytes: int | None = None) -> Any:
+    """An OutputClaim for ``path``, or a do-nothing context when there is no output."""
+    from contextlib import nullcontext
+
+    from owlctl.formats._io import OutputClaim
+
+    if path is None:
+        return nullcontext(None)
+    return OutputClaim(path, force=force, kind=kind, inputs=inputs, need_bytes=need_bytes)
+
+
+def weights_bytes(path: Any) -> int | None:
+    """Bytes of a local model's weight files (an estimate of what a pruned copy needs on disk)."""
+    from pathlib import Path
+
+    if path is None:
+        return None
+    files = list(Path(path).glob("*.safetensors"))
+    return sum(f.stat().st_size for f in files) or None
 
 
 def now() -> str:

@@ -18,6 +18,8 @@ from typing import Any, Sequence
 
 from owlctl.engine.zeroshot import PAPER_TASKS
 from owlctl.errors import InputError, ModelError
+from owlctl.options import ComputeOptions, Split, arg, opt, parse_list
+from owlctl.progress import interactive
 
 __all__ = ["EvalConfig", "evaluate", "evaluate_loaded", "audit_sparsity", "eval_defaults", "token_streams",
            "PAPER_TASKS", "C4_WINDOWS"]
@@ -29,25 +31,40 @@ BUILTIN_EVAL = {"data": ("builtin:wiki",), "seqlen": 512}
 NO_ALLOCATION = "no allocation recorded"
 
 
-@dataclass(frozen=True)
-class EvalConfig:
+@dataclass(frozen=True, kw_only=True)
+class EvalConfig(ComputeOptions):
     """``data`` None: builtin:wiki for the built-in model and checkpoints pruned from it, else wikitext2.
     ``seqlen`` None: 512 for those, else 2048 (the reference). ``tasks`` None: no zero-shot; ("paper",) is
-    the paper's seven. ``compare``: a second model evaluated on the identical token windows."""
+    the paper's seven (``zeroshot=True`` is short for it). ``compare``: a second model evaluated on the
+    identical token windows."""
 
-    model: str
-    data: tuple[str, ...] | None = None
-    split: str = "test"
-    seqlen: int | None = None
-    batch_size: int = 1
-    max_windows: int | None = None
-    ppl: bool = True
-    tasks: tuple[str, ...] | None = None
-    limit: int | None = None
-    task_dir: str | None = None
-    compare: str | None = None
-    device: str = "auto"
-    dtype: str = "auto"
+    model: str = arg("Checkpoint directory, HF hub id, local model directory, or a built-in model.")()
+    data: tuple[str, ...] | None = opt(
+        "--data", help="builtin:wiki | wikitext2 | c4 | a local .txt/.jsonl file or folder; repeatable (default: "
+        "builtin:wiki for built-in models, wikitext2 otherwise).", multiple=True, parse=parse_list,
+        cli_type=str)(None)
+    split: str = opt("--split", help="Held-out split (never the calibration text).", choices=Split)("test")
+    seqlen: int | None = opt("--seqlen", help="Tokens per evaluation window (default: 2048, built-in: 512).",
+                             min=2)(None)
+    batch_size: int = opt("--batch-size", help="Windows per forward pass (and lm-eval batch size); the result "
+                          "does not change.", min=1)(1)
+    max_windows: int | None = opt("--max-windows", help="Score only the first N windows (quick checks; c4 is "
+                                  "always capped at 256).", min=1)(None)
+    ppl: bool = opt("--ppl/--no-ppl", help="Measure perplexity (--no-ppl: zero-shot and audit only).")(True)
+    zeroshot: bool = opt("--zeroshot", help="Run the paper's seven zero-shot tasks (boolq, rte, hellaswag, "
+                         "winogrande, arc_easy, arc_challenge, openbookqa).")(False)
+    tasks: tuple[str, ...] | None = opt("--tasks", help="Comma-separated lm-eval task names ('paper' = the "
+                                        "seven); implies zero-shot.", multiple=True, parse=parse_list,
+                                        cli_type=str)(None)
+    limit: int | None = opt("--limit", help="At most N examples per zero-shot task (quick checks only).",
+                            min=1)(None)
+    task_dir: str | None = opt("--task-dir", help="A folder of extra lm-eval task YAML files.")(None)
+    compare: str | None = opt("--compare", help="A second model evaluated on the identical token windows; "
+                              "reports other/this.")(None)
+
+    def __post_init__(self) -> None:
+        if self.zeroshot and self.tasks is None:
+            object.__setattr__(self, "tasks", ("paper",))
 
 
 def eval_defaults(model_id: str, data: Sequence[str] | None = None, seqlen: int | None = None
@@ -295,7 +312,7 @@ def evaluate_loaded(model: Any, tok: Any, *, data: Sequence[str] = ("builtin:wik
 
             t0 = time.perf_counter()
             zs = zeroshot(model, tok, tasks, limit=limit, task_dir=task_dir, batch_size=batch_size,
-                          show_progress=progress is not None)
+                          show_progress=interactive(progress))  # lm-eval's own bars only on a terminal
             seconds["zeroshot"] = round(time.perf_counter() - t0, 3)
     finally:
         if moved:

@@ -18,6 +18,7 @@ from typing import Any
 
 from owlctl.errors import InputError, ModelError
 from owlctl.formats._io import SCHEMAS
+from owlctl.options import DTYPE, FORCE, OUTPUT, ExportFormat, arg, opt
 
 FORMATS = ("onnx", "packed")
 ONNX_FILE = "model.onnx"
@@ -28,17 +29,22 @@ _COPY = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_c
          "owlctl-report.json", "owlctl-source.json")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class ExportConfig:
-    checkpoint: str
-    output: Path
-    format: str = "onnx"
-    kv_cache: bool = True  # onnx: past key/values in, present out (one graph serves prompt and decode)
-    tolerance: float = 1e-3  # onnx: largest allowed |onnxruntime - PyTorch| over the checked outputs
-    verify: bool = True
-    threads: int = 1
-    dtype: str = "auto"
-    force: bool = False
+    checkpoint: str = arg("Checkpoint directory, packed directory, HF hub id, or a built-in model.")()
+    output: Path = OUTPUT(help="Directory to write.")
+    format: str = opt("--format", help="onnx (graph for onnxruntime / DeepSparse) | packed (values + bitmask).",
+                      choices=ExportFormat)("onnx")
+    # onnx: past key/values in, present out (one graph serves prompt and decode)
+    kv_cache: bool = opt("--kv-cache/--no-kv-cache", help="onnx: past key/values in, present out (for "
+                         "decoding).")(True)
+    # onnx: largest allowed |onnxruntime - PyTorch| over the checked outputs
+    tolerance: float = opt("--tolerance", help="onnx: largest allowed |onnxruntime - PyTorch| on the checked "
+                           "outputs.")(1e-3)
+    verify: bool = opt("--verify/--no-verify", help="onnx: check the graph in onnxruntime against PyTorch.")(True)
+    threads: int = opt("--threads", help="CPU threads for tracing and the check.", min=1)(1)
+    dtype: str = DTYPE("auto")
+    force: bool = FORCE(False)
 
 
 def _copy_side_files(src: Path, dst: Path, tok: Any, model: Any) -> None:

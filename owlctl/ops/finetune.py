@@ -17,9 +17,11 @@ from pathlib import Path
 from typing import Any
 
 from owlctl.errors import DataError, InputError, ModelError
+from owlctl.options import (DTYPE, FORCE, OUTPUT, FinetuneDevice, KeepSparsity, MixedPrecision, arg, opt)
 
 KEEP_MODES = ("merge-mask", "masked-lora")
 KNOWN_CORPORA = ("builtin:wiki", "c4", "wikitext2")
+DEFAULT_BLOCK_SIZE = 1024  # the reference's block size, capped at the model's context
 LARGE_MODEL_PARAMS = 1_000_000_000  # gradient checkpointing is on by default above this
 DEFAULT_EVAL_WINDOWS = 128  # the reference's max_eval_samples
 BUILTIN_EVAL_WINDOWS = 16  # what a 2-core CPU evaluates in seconds
@@ -29,33 +31,50 @@ class FinetuneWarning(UserWarning):
     """Something the user should know that does not stop the run (the CLI prints it on stderr)."""
 
 
-@dataclass(frozen=True)
+def _grad_norm(value: float) -> float | None:
+    return value or None  # --max-grad-norm 0: no clipping
+
+
+@dataclass(frozen=True, kw_only=True)
 class FinetuneConfig:
-    checkpoint: str | Path
-    output: Path
-    keep_sparsity: str = "merge-mask"  # merge-mask | masked-lora
-    adapter_only: bool = False  # save only the unmerged peft adapter
-    targets: str = "q_proj,v_proj"  # comma list of Linear names, or "all-linear"
-    rank: int = 8
-    alpha: float = 16.0
-    dropout: float = 0.05
-    lr: float = 1e-4
-    weight_decay: float = 0.0
-    warmup_steps: int = 5
-    max_grad_norm: float | None = 1.0  # the HF Trainer default the reference ran with
-    block_size: int = 1024
-    batch_size: int = 2  # sequences per micro-batch per process
-    effective_batch: int = 128  # sequences per optimizer update, over all processes
-    steps: int | None = None  # optimizer updates; default: one epoch
-    epochs: float | None = None
-    data: str | None = None  # default: builtin:wiki for the built-in model (and its checkpoints), else c4
-    eval_windows: int | None = None  # default: 128, or 16 for the built-in model
-    gradient_checkpointing: bool | None = None  # default: on above 1B parameters
-    mixed_precision: str | None = None  # no | fp16 | bf16; default: as accelerate is configured
-    device: str = "auto"  # auto | cpu | cuda (under accelerate launch the launcher places processes)
-    dtype: str = "auto"
-    seed: int = 0
-    force: bool = False
+    checkpoint: str | Path = arg("Checkpoint directory (from `owlctl prune` / `owlctl nm`).", cli_type=Path)()
+    output: Path = OUTPUT(help="Directory to write (model or adapter).")
+    keep_sparsity: str = opt("--keep-sparsity", help="merge-mask (merge, then re-apply the zero mask) | "
+                             "masked-lora (train the update times the mask: the merge is exact).",
+                             choices=KeepSparsity)("merge-mask")
+    adapter_only: bool = opt("--adapter-only", help="Save only the unmerged peft adapter "
+                             "(PeftModel.from_pretrained(base, DIR)).")(False)
+    targets: str = opt("--targets", help="Linears to adapt: a comma list (q_proj,v_proj) or all-linear.")(
+        "q_proj,v_proj")
+    rank: int = opt("--rank", "-r", help="LoRA rank r.", min=1)(8)
+    alpha: float = opt("--alpha", help="LoRA alpha; the update is scaled by alpha / r.")(16.0)
+    dropout: float = opt("--dropout", help="Dropout on the adapter's input.", min=0.0)(0.05)
+    lr: float = opt("--lr", help="Peak learning rate (AdamW).")(1e-4)
+    weight_decay: float = opt("--weight-decay", help="AdamW weight decay.", min=0.0)(0.0)
+    warmup_steps: int = opt("--warmup-steps", help="Linear warmup updates.", min=0)(5)
+    max_grad_norm: float | None = opt("--max-grad-norm", help="Clip the gradient norm (0: no clipping).",
+                                      min=0.0, parse=_grad_norm, cli_type=float)(1.0)
+    block_size: int | None = opt("--block-size", help="Tokens per training/eval sequence (default: "
+                                 "min(1024, the model's context)).", min=2)(None)
+    batch_size: int = opt("--batch-size", help="Sequences per micro-batch on each process.", min=1)(2)
+    effective_batch: int = opt("--effective-batch", help="Sequences per update over all processes (sets the "
+                               "accumulation).", min=1)(128)
+    steps: int | None = opt("--steps", help="Optimizer updates (default: one epoch of the data).", min=1)(None)
+    epochs: float | None = opt("--epochs", help="Passes over the training data.")(None)
+    data: str | None = opt("--data", help="builtin:wiki | c4 | wikitext2 | a local .txt/.jsonl file or folder "
+                           "(default: builtin:wiki for built-in models, c4 otherwise).")(None)
+    eval_windows: int | None = opt("--eval-windows", help="Validation windows before/after (default 128, "
+                                   "built-in 16; 0: no eval).", min=0)(None)
+    gradient_checkpointing: bool | None = opt(
+        "--gradient-checkpointing/--no-gradient-checkpointing",
+        help="Recompute activations in backward (default: on above 1B parameters).")(None)
+    mixed_precision: str | None = opt("--mixed-precision", help="Default: as accelerate is configured.",
+                                      choices=MixedPrecision)(None)
+    device: str = opt("--device", help="auto | cpu | cuda (under accelerate launch the launcher places "
+                      "processes).", choices=FinetuneDevice)("auto")
+    dtype: str = DTYPE("auto")
+    seed: int = opt("--seed", help="Seed for data order and adapter initialisation.")(0)
+    force: bool = FORCE(False)
 
     @property
     def mode(self) -> str:
@@ -80,7 +99,7 @@ def _validate(cfg: FinetuneConfig) -> None:
               (cfg.lr > 0, f"--lr must be > 0, got {cfg.lr}"),
               (cfg.weight_decay >= 0, f"--weight-decay must be >= 0, got {cfg.weight_decay}"),
               (cfg.warmup_steps >= 0, f"--warmup-steps must be >= 0, got {cfg.warmup_steps}"),
-              (cfg.block_size >= 2, f"--block-size must be >= 2, got {cfg.block_size}"),
+              (cfg.block_size is None or cfg.block_size >= 2, f"--block-size must be >= 2, got {cfg.block_size}"),
               (cfg.batch_size >= 1, f"--batch-size must be >= 1, got {cfg.batch_size}"),
               (cfg.effective_batch >= 1, f"--effective-batch must be >= 1, got {cfg.effective_batch}"),
               (cfg.eval_windows is None or cfg.eval_windows >= 0, "--eval-windows must be >= 0"),
@@ -168,8 +187,13 @@ def _load_checked(cfg: FinetuneConfig, ckpt: Path, records: dict, warn: Any) -> 
     layout = resolve(model)
     targets = lora.resolve_targets(layout, cfg.targets)
     max_pos = getattr(model.config, "max_position_embeddings", None)
-    if max_pos is not None and cfg.block_size > max_pos:
-        raise InputError(f"--block-size {cfg.block_size} exceeds the model's {max_pos} positions",
+    block_size = cfg.block_size
+    if block_size is None:  # as transformers' run_clm: min(1024, the model's context)
+        block_size = min(DEFAULT_BLOCK_SIZE, max_pos or DEFAULT_BLOCK_SIZE)
+        if block_size < DEFAULT_BLOCK_SIZE:
+            warn(f"--block-size defaults to {block_size}, the model's context (max_position_embeddings)")
+    elif max_pos is not None and block_size > max_pos:
+        raise InputError(f"--block-size {block_size} exceeds the model's {max_pos} positions",
                          hint=f"use --block-size {max_pos} or less")
     counts = lora.zero_counts(layout)
     if sum(c[0] for c in counts.values()) == 0:
@@ -177,7 +201,7 @@ def _load_checked(cfg: FinetuneConfig, ckpt: Path, records: dict, warn: Any) -> 
             raise InputError(f"{ckpt} has no zero weights and no owlctl records: there is no mask to re-apply",
                              hint="pass a pruned checkpoint (`owlctl prune ... -o DIR`), or --adapter-only")
         warn(f"{ckpt} has no zero weights in its prunable Linears: nothing to keep (training plain LoRA)")
-    return model, tok, info, layout, targets, counts
+    return model, tok, info, layout, targets, counts, block_size
 
 
 def finetune(cfg: FinetuneConfig, progress: Any = None) -> dict:
@@ -224,7 +248,7 @@ def finetune(cfg: FinetuneConfig, progress: Any = None) -> dict:
     set_seed(cfg.seed)
 
     t0 = time.perf_counter()
-    model, tok, info, layout, targets, counts_before = _load_checked(cfg, ckpt, records, warn)
+    model, tok, info, layout, targets, counts_before, block_size = _load_checked(cfg, ckpt, records, warn)
     n_params = sum(p.numel() for p in model.parameters())
     seconds["load"] = time.perf_counter() - t0
 
@@ -234,14 +258,14 @@ def finetune(cfg: FinetuneConfig, progress: Any = None) -> dict:
     source = cfg.data or ("builtin:wiki" if builtin else "c4")
     n_eval = cfg.eval_windows if cfg.eval_windows is not None else (
         BUILTIN_EVAL_WINDOWS if builtin else DEFAULT_EVAL_WINDOWS)
-    train_w, eval_w, data_desc = _windows_for(source, tok, cfg.block_size, n_eval)
+    train_w, eval_w, data_desc = _windows_for(source, tok, block_size, n_eval)
     per_update = cfg.batch_size * world
     if train_w.shape[0] < per_update:
-        raise DataError(f"{source} gives {train_w.shape[0]} training windows of {cfg.block_size} tokens, fewer "
+        raise DataError(f"{source} gives {train_w.shape[0]} training windows of {block_size} tokens, fewer "
                         f"than one micro-batch on every process ({per_update})",
                         hint="lower --block-size or --batch-size, or use more data")
     if eval_w is not None and eval_w.shape[0] < n_eval:
-        warn(f"the eval data holds only {eval_w.shape[0]} windows of {cfg.block_size} tokens (asked {n_eval})")
+        warn(f"the eval data holds only {eval_w.shape[0]} windows of {block_size} tokens (asked {n_eval})")
     updates_per_epoch = max(1, train_w.shape[0] // per_update // grad_accum)
     steps = cfg.steps if cfg.steps is not None else max(1, round((cfg.epochs or 1.0) * updates_per_epoch))
     seconds["data"] = time.perf_counter() - t0
@@ -309,7 +333,7 @@ def finetune(cfg: FinetuneConfig, progress: Any = None) -> dict:
                 "targets": list(targets), "modules": len(targets) * layout.num_blocks,
                 "trainable_params": sum(p.numel() for p in trainable), "model_params": n_params}
     training = {"steps": steps, "micro_batch": cfg.batch_size, "processes": world, "grad_accum": grad_accum,
-                "effective_batch": effective, "block_size": cfg.block_size, "lr": cfg.lr,
+                "effective_batch": effective, "block_size": block_size, "lr": cfg.lr,
                 "warmup_steps": cfg.warmup_steps, "schedule": "linear", "optimizer": "adamw",
                 "weight_decay": cfg.weight_decay, "max_grad_norm": cfg.max_grad_norm,
                 "gradient_checkpointing": checkpointing, "mixed_precision": accelerator.mixed_precision,

@@ -15,29 +15,25 @@ from pathlib import Path
 from typing import Any
 
 from owlctl.errors import InputError
+from owlctl.options import (FORCE, LAMBDA, METHOD, MODEL, OUTLIER_M, OUTPUT, TARGET_SPARSITY, CalibrationOptions,
+                            ComputeOptions, Split, opt)
 
 
-@dataclass(frozen=True)
-class PipelineConfig:
-    model: str = "builtin:smollm2-135m"
-    method: str = "wanda"
-    target_sparsity: float = 0.7
-    outlier_m: float = 5.0
-    lam: float = 0.08
-    calib: str | None = None
-    nsamples: int | None = None
-    seqlen: int | None = None
-    seed: int = 0
-    batch_size: int = 8
-    eval_data: str | None = None
-    eval_split: str = "test"
-    eval_seqlen: int | None = None
-    max_windows: int | None = None
-    output: Path | None = None
-    save_checkpoints: bool = False
-    device: str = "auto"
-    dtype: str = "auto"
-    force: bool = False
+@dataclass(frozen=True, kw_only=True)
+class PipelineConfig(ComputeOptions, CalibrationOptions):
+    model: str = MODEL("builtin:smollm2-135m")
+    method: str = METHOD("wanda")
+    target_sparsity: float = TARGET_SPARSITY(0.7)
+    outlier_m: float = OUTLIER_M(5.0)
+    lam: float = LAMBDA(0.08)
+    output: Path | None = OUTPUT(None, help="Folder for the profile, allocations and results.")
+    save_checkpoints: bool = opt("--save-checkpoints", help="Also save both pruned models into --output.")(False)
+    eval_data: str | None = opt("--eval-data", help="builtin:wiki | wikitext2 | c4 | a local .txt/.jsonl file "
+                                "(default: builtin:wiki for built-in models, wikitext2 otherwise).")(None)
+    eval_split: str = opt("--eval-split", help="Held-out split to evaluate.", choices=Split)("test")
+    eval_seqlen: int | None = opt("--eval-seqlen", help="Evaluation window length.", min=2)(None)
+    max_windows: int | None = opt("--max-windows", help="Evaluate at most N windows.", min=1)(None)
+    force: bool = FORCE(False)
 
 
 BUILTIN_PIPELINE = {"nsamples": 16, "seqlen": 256, "max_windows": 16}  # eval windows of 512 tokens

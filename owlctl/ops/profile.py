@@ -8,23 +8,18 @@ from pathlib import Path
 from typing import Any
 
 from owlctl.errors import InputError
+from owlctl.options import FORCE, MODEL, OUTPUT, CalibrationOptions, ComputeOptions, opt, parse_floats
 
 DEFAULT_MS = (3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0, 10.0)
 
 
-@dataclass(frozen=True)
-class ProfileConfig:
-    model: str
-    output: Path | None = None
-    outlier_m: tuple[float, ...] = DEFAULT_MS
-    calib: str | None = None
-    nsamples: int | None = None
-    seqlen: int | None = None
-    seed: int = 0
-    batch_size: int = 8
-    device: str = "auto"
-    dtype: str = "auto"
-    force: bool = False
+@dataclass(frozen=True, kw_only=True)
+class ProfileConfig(ComputeOptions, CalibrationOptions):
+    model: str = MODEL()
+    output: Path | None = OUTPUT(None, help="Profile JSON to write.")
+    outlier_m: tuple[float, ...] = opt("--outlier-m", "-m", help="Comma-separated M values to count.",
+                                       parse=parse_floats, cli_type=str)(DEFAULT_MS)
+    force: bool = FORCE(False)
 
 
 def profile_model(model: Any, tok: Any, info: Any, calib: Any, *, outlier_m: tuple[float, ...], device: str,
@@ -74,28 +69,40 @@ def profile_model(model: Any, tok: Any, info: Any, calib: Any, *, outlier_m: tup
 def profile(cfg: ProfileConfig, progress: Any = None) -> dict:
     """Load the model and calibration data, profile, and write the profile JSON (when ``output`` is set).
     Returns a summary document (``owlctl.profile/1`` document under "profile", plus timings)."""
-    from owlctl.formats._io import check_output, write_json
+    from owlctl.engine.loading import model_config
+    from owlctl.ops.checks import check_seqlen, model_inputs
+    from owlctl.ops.common import calib_defaults, output_claim
+    from owlctl.options import check_device, finite
 
-    if not cfg.outlier_m or any(m <= 0 for m in cfg.outlier_m):
+    ms = tuple(sorted(set(cfg.outlier_m)))
+    if not ms:
         raise InputError("--outlier-m needs one or more positive values, e.g. 3,4,5,6,7,8,9,10")
+    for m in ms:
+        finite("--outlier-m", m, lo=0.0, lo_open=True)
     if cfg.batch_size < 1:
         raise InputError("--batch-size must be >= 1")
-    if cfg.output is not None:
-        check_output(cfg.output, cfg.force)
-    from owlctl.engine.data import calibration
-    from owlctl.engine.loading import load_model, resolve_device
-    from owlctl.ops.common import calib_defaults, peak_rss_mb
-
-    device = resolve_device(cfg.device)
+    check_device(cfg.device)
     t0 = time.perf_counter()
-    model, tok, info = load_model(cfg.model, cfg.dtype)
+    config, _ = model_config(cfg.model)
     source, nsamples, seqlen = calib_defaults(cfg.model, cfg.calib, cfg.nsamples, cfg.seqlen)
-    calib = calibration(source, tok, nsamples, seqlen, cfg.seed)
-    t_load = time.perf_counter() - t0
-    doc, timings = profile_model(model, tok, info, calib, outlier_m=tuple(sorted(set(cfg.outlier_m))),
-                                 device=device, batch_size=cfg.batch_size, progress=progress)
-    if cfg.output is not None:
-        write_json(cfg.output, doc, force=cfg.force)
+    check_seqlen(seqlen, config, cfg.model)
+    with output_claim(cfg.output, cfg.force, "file", inputs=model_inputs(cfg.model)) as claim:
+        from owlctl.engine.data import calibration
+        from owlctl.engine.loading import load_model, load_tokenizer, local_dir, resolve_device
+        from owlctl.ops.common import peak_rss_mb
+
+        device = resolve_device(cfg.device)
+        path, _ = local_dir(cfg.model)
+        calib = calibration(source, load_tokenizer(path), nsamples, seqlen, cfg.seed)  # before any weight
+        model, tok, info = load_model(cfg.model, cfg.dtype)
+        t_load = time.perf_counter() - t0
+        doc, timings = profile_model(model, tok, info, calib, outlier_m=ms, device=device,
+                                     batch_size=cfg.batch_size, progress=progress)
+        if claim is not None:
+            from owlctl.formats._io import dumps
+
+            claim.tmp.write_text(dumps(doc), encoding="utf-8")
+            claim.commit()
     return {"profile": doc, "output": str(cfg.output) if cfg.output else None,
             "seconds": {"load": round(t_load, 3), **timings.as_dict(),
                         "total": round(time.perf_counter() - t0, 3)},

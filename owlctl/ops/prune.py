@@ -4,45 +4,44 @@ pattern (unstructured | N:M | mixed N:M), one layer-by-layer driver for every co
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from owlctl.errors import InputError, ModelError
+from owlctl.options import (ALLOCATION, BALANCE, CLAMP, FORCE, FROM_PROFILE, LAMBDA, METHOD, MODEL, OUTLIER_M,
+                            OUTPUT, PATTERN, SPECIAL, TARGET_SPARSITY, CalibrationOptions, ComputeOptions,
+                            WandaGroup, opt)
+
+# `owlctl nm` shows these PruneConfig options; `owlctl prune` all but --pattern and --special.
+NM_ONLY = ("pattern", "special")
+PRUNE_ONLY = ("uniform", "target_sparsity", "balance", "clamp", "wanda_group", "wanda_variant")
 
 
-@dataclass(frozen=True)
-class PruneConfig:
-    model: str
-    output: Path | None
-    method: str = "wanda"
+@dataclass(frozen=True, kw_only=True)
+class PruneConfig(ComputeOptions, CalibrationOptions):
+    model: str = MODEL()
+    output: Path | None = OUTPUT(help="Checkpoint directory to write.")
+    pattern: str | None = PATTERN(None)  # "N:M", N kept
+    method: str = METHOD("wanda")
     # allocation: exactly one of allocation file, profile (OWL), or uniform
-    allocation: Path | None = None
-    from_profile: Path | None = None
-    uniform: bool = False
-    target_sparsity: float | None = None
-    outlier_m: float | None = None
-    lam: float | None = None
-    pattern: str | None = None  # "N:M", N kept
-    balance: str = "blocks"
-    clamp: str = "redistribute"
+    uniform: bool = opt("--uniform", help="Same sparsity S for every block.")(False)
+    from_profile: Path | None = FROM_PROFILE(None)
+    allocation: Path | None = ALLOCATION(None)
+    target_sparsity: float | None = TARGET_SPARSITY(None)
+    outlier_m: float | None = OUTLIER_M(None)
+    lam: float | None = LAMBDA(None)
+    special: bool = SPECIAL(False)
+    balance: str = BALANCE("blocks")
+    clamp: str = CLAMP("redistribute")
     max_sparsity: float = 0.99
-    special: bool = False
-    # calibration and compute
-    calib: str | None = None
-    nsamples: int | None = None
-    seqlen: int | None = None
-    seed: int = 0
-    batch_size: int = 8
-    device: str = "auto"
-    dtype: str = "auto"
     # method options
-    wanda_group: str = "row"
-    wanda_variant: bool = False
-    blocksize: int = 128
-    percdamp: float = 0.01
-    force: bool = False
-    extra: dict = field(default_factory=dict)
+    wanda_group: str = opt("--wanda-group", help="Wanda comparison group: row (reference) | matrix.",
+                           choices=WandaGroup)("row")
+    wanda_variant: bool = opt("--wanda-variant", help="Wanda's cumulative-mass variant.")(False)
+    blocksize: int = opt("--blocksize", help="SparseGPT column block.", min=1)(128)
+    percdamp: float = opt("--percdamp", help="SparseGPT damping (x mean diag H).", min=0.0)(0.01)
+    force: bool = FORCE(False)
 
 
 def expected_pruned(method: str, shape: tuple[int, int], sparsity: float | None, nm: tuple[int, int] | None,
@@ -67,10 +66,14 @@ def expected_pruned(method: str, shape: tuple[int, int], sparsity: float | None,
 
 
 def _validate(cfg: PruneConfig) -> None:
-    from owlctl.core.methods import METHODS
+    from owlctl.ops.checks import check_owl_knobs, prune_pattern
+    from owlctl.options import Balance, Clamp, Method, WandaGroup, check_choice, check_device, finite
 
-    if cfg.method not in METHODS:
-        raise InputError(f"unknown method {cfg.method!r}", hint="use one of: " + ", ".join(METHODS))
+    check_choice("--method", cfg.method, Method)
+    check_choice("--balance", cfg.balance, Balance)
+    check_choice("--clamp", cfg.clamp, Clamp)
+    check_choice("--wanda-group", cfg.wanda_group, WandaGroup)
+    check_device(cfg.device)
     chosen = [x for x in (cfg.allocation is not None, cfg.from_profile is not None, cfg.uniform) if x]
     if len(chosen) != 1:
         raise InputError("choose exactly one allocation: --allocation FILE, --from-profile PROFILE, or --uniform",
@@ -78,52 +81,75 @@ def _validate(cfg: PruneConfig) -> None:
     if cfg.target_sparsity is not None and not (0.0 <= cfg.target_sparsity < 1.0):
         raise InputError(f"--target-sparsity must be a fraction in [0, 1), got {cfg.target_sparsity}",
                          hint="70% sparsity is -s 0.7")
+    check_owl_knobs(cfg.outlier_m, cfg.lam)
+    prune_pattern(cfg.pattern)
     if cfg.pattern is None and cfg.allocation is None and cfg.target_sparsity is None:
         raise InputError("--target-sparsity is required for unstructured pruning", hint="e.g. -s 0.7")
-    if cfg.lam is not None and cfg.lam < 0:
-        raise InputError(f"--lambda must be >= 0, got {cfg.lam}")
-    if cfg.wanda_group not in ("row", "matrix"):
-        raise InputError("--wanda-group must be row or matrix")
     if cfg.wanda_variant and cfg.pattern is not None:
         raise InputError("--wanda-variant is for unstructured sparsity only")
-    if cfg.batch_size < 1 or cfg.blocksize < 1 or cfg.percdamp < 0:
-        raise InputError("--batch-size and --blocksize must be >= 1, --percdamp >= 0")
+    finite("--percdamp", cfg.percdamp, lo=0.0)
+    if cfg.batch_size < 1 or cfg.blocksize < 1:
+        raise InputError("--batch-size and --blocksize must be >= 1")
 
 
-def _allocation(cfg: PruneConfig, info: Any, layout: Any) -> dict:
-    from owlctl.ops.allocate import allocation_from_profile, uniform_allocation
+PROFILE_FIX = "owlctl profile MODEL -o profile.json"
+ALLOCATION_FIX = "owlctl allocate PROFILE -s S -o allocation.json"
+
+
+def _early_allocation(cfg: PruneConfig, config: dict) -> dict | None:
+    """The OWL allocation from --from-profile, or the --allocation document, read and checked against the
+    model's config.json before any weight is read (a missing M, a profile of another model, ...)."""
+    blocks = config.get("num_hidden_layers", config.get("n_layer"))
+    if cfg.from_profile is not None:
+        from owlctl.formats.profile import read_profile
+        from owlctl.ops.allocate import allocation_from_profile
+
+        prof, sha = read_profile(cfg.from_profile)
+        _check_blocks(prof["model"], blocks, f"profile {cfg.from_profile}", PROFILE_FIX)
+        return allocation_from_profile(prof, sha, str(cfg.from_profile), target_sparsity=cfg.target_sparsity,
+                                       outlier_m=cfg.outlier_m, lam=cfg.lam, pattern=cfg.pattern,
+                                       balance=cfg.balance, clamp=cfg.clamp, max_sparsity=cfg.max_sparsity,
+                                       special=cfg.special)
+    if cfg.allocation is not None:
+        from owlctl.formats.allocation import read_allocation
+
+        doc, _sha = read_allocation(cfg.allocation)
+        _check_blocks(doc["model"], blocks, f"allocation {cfg.allocation}", ALLOCATION_FIX)
+        return doc
+    return None
+
+
+def _check_blocks(recorded: dict, blocks: Any, what: str, fix: str) -> None:
+    got = recorded.get("num_blocks")
+    if not isinstance(got, int):
+        raise InputError(f"{what} does not record the model's block count (model.num_blocks)",
+                         hint=f"it was not written by owlctl, or was edited; re-create it with `{fix}`")
+    if isinstance(blocks, int) and got != blocks:
+        raise InputError(f"{what} has {got} blocks but the model has {blocks}",
+                         hint=f"it was made for another model; re-create it with `{fix}`")
+
+
+def _allocation(cfg: PruneConfig, info: Any, layout: Any, early: dict | None) -> dict:
+    from owlctl.ops.allocate import uniform_allocation
 
     numels = [sum(lin.weight.numel() for lin in layout.linears(i).values()) for i in range(layout.num_blocks)]
     names = [layout.block_name(i) for i in range(layout.num_blocks)]
     model_dict = info.as_dict(layout.family.name, layout.num_blocks)
     if cfg.uniform:
         return uniform_allocation(model_dict, names, numels, target_sparsity=cfg.target_sparsity, pattern=cfg.pattern)
-    if cfg.from_profile is not None:
-        from owlctl.formats.profile import read_profile
-
-        prof, sha = read_profile(cfg.from_profile)
-        _check_same_model(prof["model"], model_dict, f"profile {cfg.from_profile}",
-                          f"owlctl profile {cfg.model} -o profile.json")
-        return allocation_from_profile(prof, sha, str(cfg.from_profile), target_sparsity=cfg.target_sparsity,
-                                       outlier_m=cfg.outlier_m, lam=cfg.lam, pattern=cfg.pattern,
-                                       balance=cfg.balance, clamp=cfg.clamp, max_sparsity=cfg.max_sparsity,
-                                       special=cfg.special)
-    from owlctl.formats.allocation import read_allocation
-
-    doc, _sha = read_allocation(cfg.allocation)
-    _check_same_model(doc["model"], model_dict, f"allocation {cfg.allocation}",
-                      f"owlctl allocate PROFILE_OF_{cfg.model} -o allocation.json")
-    return doc
+    assert early is not None
+    what, fix = ((f"profile {cfg.from_profile}", PROFILE_FIX) if cfg.from_profile is not None
+                 else (f"allocation {cfg.allocation}", ALLOCATION_FIX))
+    _check_same_model(early["model"], model_dict, what, fix)
+    return early
 
 
 def _check_same_model(recorded: dict, actual: dict, what: str, fix: str) -> None:
-    if recorded.get("num_blocks") != actual["num_blocks"]:
-        raise InputError(f"{what} has {recorded.get('num_blocks')} blocks but the model has {actual['num_blocks']}",
-                         hint=f"it was made for another model; re-run `{fix}`")
+    _check_blocks(recorded, actual["num_blocks"], what, fix)
     if recorded.get("content_sha256") and recorded["content_sha256"] != actual["content_sha256"]:
         raise InputError(f"{what} was made for another model ({recorded.get('id')}, hash "
                          f"{recorded['content_sha256'][:12]}) than this one ({actual['id']}, hash "
-                         f"{actual['content_sha256'][:12]})", hint=f"re-run `{fix}`")
+                         f"{actual['content_sha256'][:12]})", hint=f"re-create it with `{fix}`")
 
 
 def _targets(alloc: dict) -> list[tuple[float | None, tuple[int, int] | None]]:
@@ -204,34 +230,56 @@ def prune_model(model: Any, layout: Any, alloc: dict, method: str, opts: Any, ca
 
 
 def prune(cfg: PruneConfig, progress: Any = None) -> dict:
-    """Prune and save a checkpoint (when ``output`` is set). Returns the summary document."""
-    from owlctl.formats._io import check_output
+    """Prune and save a checkpoint (when ``output`` is set). Returns the summary document.
+
+    Order: every check that needs no weights (options, config.json shapes and context, the profile or
+    allocation against the model, the output location), then the calibration tokens, then the weights."""
+    from owlctl.core.methods import NEEDS
+    from owlctl.engine.loading import model_config
+    from owlctl.ops.checks import check_pattern_fits, check_seqlen, model_inputs, prune_pattern
+    from owlctl.ops.common import calib_defaults, output_claim, weights_bytes
 
     _validate(cfg)
+    t_start = time.perf_counter()
     output = Path(cfg.output) if cfg.output is not None else None
-    if output is not None:
-        check_output(output, cfg.force)
-    from owlctl.core.methods import NEEDS, MethodOptions
+    config, local = model_config(cfg.model)
+    check_pattern_fits(prune_pattern(cfg.pattern), config, cfg.model)
+    needs_data = bool(NEEDS[cfg.method])
+    source, nsamples, seqlen = calib_defaults(cfg.model, cfg.calib, cfg.nsamples, cfg.seqlen)
+    if needs_data:
+        check_seqlen(seqlen, config, cfg.model)
+    early = _early_allocation(cfg, config)
+    if early is not None and early["pattern"]["kind"] == "nm":
+        check_pattern_fits((early["pattern"]["n_keep"], early["pattern"]["m"]), config, cfg.model)
+    inputs = model_inputs(cfg.model) + [cfg.from_profile, cfg.allocation]
+    with output_claim(output, cfg.force, "dir", inputs=inputs, need_bytes=weights_bytes(local)) as claim:
+        return _prune_claimed(cfg, claim, early, (source, nsamples, seqlen) if needs_data else None, t_start,
+                              progress)
+
+
+def _prune_claimed(cfg: PruneConfig, claim: Any, early: dict | None, calib_args: tuple | None,
+                   t_start: float, progress: Any) -> dict:
+    from owlctl.core.methods import MethodOptions
     from owlctl.engine.data import calibration
-    from owlctl.engine.loading import load_model, resolve_device
+    from owlctl.engine.loading import load_model, load_tokenizer, local_dir, resolve_device
     from owlctl.families import resolve
     from owlctl.formats.checkpoint import report_doc, save_checkpoint
-    from owlctl.ops.common import calib_defaults, model_bytes, peak_rss_mb
+    from owlctl.ops.common import model_bytes, peak_rss_mb
 
+    output = Path(cfg.output) if cfg.output is not None else None
     device = resolve_device(cfg.device)
     opts = MethodOptions(wanda_group=cfg.wanda_group, wanda_variant=cfg.wanda_variant, blocksize=cfg.blocksize,
                          percdamp=cfg.percdamp)
-    t_start = time.perf_counter()
-    model, tok, info = load_model(cfg.model, cfg.dtype)
-    layout = resolve(model)
-    alloc = _allocation(cfg, info, layout)  # validates the allocation against the model before any work
-    t_load = time.perf_counter() - t_start
     calib = None
     t0 = time.perf_counter()
-    if NEEDS[cfg.method]:
-        source, nsamples, seqlen = calib_defaults(cfg.model, cfg.calib, cfg.nsamples, cfg.seqlen)
-        calib = calibration(source, tok, nsamples, seqlen, cfg.seed)
+    if calib_args is not None:  # tokens before weights: a bad corpus fails before a long load
+        calib = calibration(calib_args[0], load_tokenizer(local_dir(cfg.model)[0]), *calib_args[1:], cfg.seed)
     t_calib = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    model, tok, info = load_model(cfg.model, cfg.dtype)
+    layout = resolve(model)
+    alloc = _allocation(cfg, info, layout, early)  # validates the allocation against the model before any work
+    t_load = time.perf_counter() - t0
     rows, timings = prune_model(model, layout, alloc, cfg.method, opts, calib, device=device,
                                 batch_size=cfg.batch_size, progress=progress)
     model_dict = info.as_dict(layout.family.name, layout.num_blocks)
@@ -242,8 +290,12 @@ def prune(cfg: PruneConfig, progress: Any = None) -> dict:
     report["method_options"] = {"wanda_group": cfg.wanda_group, "wanda_variant": cfg.wanda_variant,
                                 "blocksize": cfg.blocksize, "percdamp": cfg.percdamp}
     if output is not None:
+        from owlctl.progress import note
+
+        note(f"writing {output}")
         save_checkpoint(model, tok, output, force=cfg.force, allocation=alloc, report=report,
-                        source={"id": info.id, "content_sha256": info.content_sha256, "method": cfg.method})
+                        source={"id": info.id, "content_sha256": info.content_sha256, "method": cfg.method},
+                        claim=claim)
     mismatched = [(b["name"], r["name"]) for b in rows for r in b["linears"]
                   if r["expected_pruned"] >= 0 and r["pruned"] != r["expected_pruned"]]
     return {"output": str(output) if output else None, "method": cfg.method,
@@ -259,6 +311,10 @@ def prune(cfg: PruneConfig, progress: Any = None) -> dict:
 
 def nm(cfg: PruneConfig, progress: Any = None) -> dict:
     """N:M semi-structured pruning (uniform, or OWL's mixed N:M from a profile / allocation)."""
+    import dataclasses
+
     if cfg.pattern is None and cfg.allocation is None:
         raise InputError("owlctl nm needs --pattern N:M (N weights kept per group of M, e.g. 2:4)")
+    if cfg.from_profile is None and cfg.allocation is None and not cfg.uniform:
+        cfg = dataclasses.replace(cfg, uniform=True)  # plain N:M: every block the same pattern
     return prune(cfg, progress)

@@ -55,14 +55,22 @@ def test_quiet_keeps_stderr_empty(ckpt, text_file):
 
 
 @pytest.mark.parametrize("args, needle", [
-    (["--split", "calib"], "--split"),
     (["--seqlen", "100000"], "--seqlen"),  # > the corpus and > max positions
-    (["--max-windows", "0"], "--max-windows"),
     (["--data", "/no/such/file.txt"], "neither a known corpus"),
 ])
 def test_bad_inputs_exit_1(ckpt, text_file, args, needle):
     r = _eval(ckpt, "--device", "cpu", "--data", text_file, "--seqlen", 64, *args)  # later options win
     assert r.exit_code == 1 and r.stdout == ""
+    assert needle in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--split", "calib"], "--split"),
+    (["--max-windows", "0"], "--max-windows"),
+])
+def test_usage_errors_exit_2(ckpt, text_file, args, needle):
+    r = _eval(ckpt, "--device", "cpu", "--data", text_file, "--seqlen", 64, *args)
+    assert r.exit_code == 2 and r.stdout == ""
     assert needle in r.stderr and "Traceback" not in r.stderr
 
 

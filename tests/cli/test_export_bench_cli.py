@@ -60,7 +60,7 @@ def test_export_unsupported_architecture_exit_1(pruned70, tmp_path, monkeypatch)
 
 def test_export_bad_format(pruned70, tmp_path):
     r = invoke("export", pruned70, "--format", "gguf", "-o", tmp_path / "o")
-    assert r.exit_code == 1 and "unknown export format" in r.stderr
+    assert r.exit_code == 2 and "'gguf' is not one of 'onnx', 'packed'" in r.stderr
 
 
 def test_bench_json_is_one_document(pruned70):
@@ -89,8 +89,12 @@ def test_bench_beyond_context_exit_1(pruned70):
     assert r.exit_code == 1 and "exceeds the context" in r.stderr and "512" in r.stderr
 
 
-@pytest.mark.parametrize("args,msg", [(["--runs", "2"], "--runs must be >= 3"),
-                                      (["--cpu", "--backend", "onnxruntime"], "conflicts"),
+def test_bench_runs_below_three_is_a_usage_error(pruned70):
+    r = invoke("bench", pruned70, "--runs", "2")
+    assert r.exit_code == 2 and "--runs" in r.stderr and "x>=3" in r.stderr
+
+
+@pytest.mark.parametrize("args,msg", [(["--cpu", "--backend", "onnxruntime"], "conflicts"),
                                       (["--setup"], "--setup prepares DeepSparse")])
 def test_bench_bad_options(pruned70, args, msg):
     r = invoke("bench", pruned70, *args)

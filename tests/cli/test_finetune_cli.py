@@ -73,8 +73,13 @@ def test_existing_output_needs_force(pruned, text_file, tmp_path):
     assert (out / "adapter_config.json").is_file()
 
 
+def test_steps_zero_is_a_usage_error(pruned, text_file, tmp_path):
+    r = invoke("finetune", pruned, "-o", tmp_path / "out", "--data", text_file, *FAST, "--steps", "0")
+    assert r.exit_code == 2 and "--steps" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "out").exists() and no_partial(tmp_path)
+
+
 @pytest.mark.parametrize("args, needle", [
-    (["--steps", "0"], "--steps must be >= 1"),
     (["--targets", "wq_proj"], "wq_proj"),
     (["--keep-sparsity", "masked-lora", "--adapter-only"], "adapter-only"),
 ])

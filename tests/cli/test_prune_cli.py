@@ -49,8 +49,13 @@ def test_prune_table_on_stdout(tiny_llama, text_file, tmp_path):
     assert "realised" in r.stdout and "0.3" in r.stdout
 
 
+def test_prune_unknown_method_is_a_usage_error(tiny_llama, text_file, tmp_path):
+    r = runner.invoke(app, ["prune", str(tiny_llama), "-o", str(tmp_path / "ck"), "--method", "lottery",
+                            "--uniform", "-s", "0.5", *_calib(text_file)])
+    assert r.exit_code == 2 and "'lottery' is not one of 'magnitude', 'wanda', 'sparsegpt'" in r.stderr
+
+
 @pytest.mark.parametrize("args,msg", [
-    (["--method", "lottery", "--uniform", "-s", "0.5"], "unknown method"),
     (["--uniform", "-s", "1.2"], "[0, 1)"),
     (["--from-profile", "missing.json", "-s", "0.5"], "not found"),
 ])

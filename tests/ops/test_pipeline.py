@@ -36,4 +36,4 @@ def test_pipeline_tiny(tiny_llama, text_file, tmp_path):
 
 def test_pipeline_bad_method(tiny_llama):
     r = runner.invoke(app, ["pipeline", str(tiny_llama), "--method", "random"])
-    assert r.exit_code == 1 and "unknown method" in r.stderr
+    assert r.exit_code == 2 and "'random' is not one of" in r.stderr
