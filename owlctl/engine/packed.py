@@ -33,6 +33,22 @@ _SIDE_FILES = ("config.json", "generation_config.json", "tokenizer.json", "token
                "added_tokens.json", "allocation.json", "owlctl-report.json", "owlctl-source.json")
 
 
+_DTYPES = ("float32", "float16", "bfloat16", "float64", "int64", "int32", "int16", "int8", "uint8", "bool")
+
+
+def torch_dtype(name: Any, where: str) -> Any:
+    """The torch dtype named in a packed header, from a fixed list (never an attribute looked up from a file)."""
+    import torch
+
+    if name not in _DTYPES:
+        raise FormatError(f"{where}: dtype {name!r} is not one owlctl writes ({', '.join(_DTYPES)})",
+                          hint="the packed header was edited or is corrupt; re-export with `owlctl export --format "
+                               "packed`")
+    return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
+            "float64": torch.float64, "int64": torch.int64, "int32": torch.int32, "int16": torch.int16,
+            "int8": torch.int8, "uint8": torch.uint8, "bool": torch.bool}[name]
+
+
 def _bits_view(t: Any) -> Any:
     """The tensor reinterpreted as same-width integers (nonzero test on bit patterns)."""
     import torch
@@ -176,7 +192,7 @@ def load_state_dict(path: str | Path, verify: bool = True) -> dict[str, Any]:
     for e in head["tensors"]:
         if "alias_of" in e:
             continue
-        name, dtype = e["name"], getattr(torch, e["dtype"])
+        name, dtype = e["name"], torch_dtype(e.get("dtype"), f"{path / PACKED_JSON}: tensor {e.get('name')!r}")
         try:
             if e["encoding"] == "bitmask":
                 t = unpack_tensor(stored[f"{name}.values"], stored[f"{name}.bitmask"], e["shape"], dtype)
@@ -205,7 +221,7 @@ def load_packed(path: str | Path, verify: bool = True) -> Any:
     state = load_state_dict(path, verify=verify)
     try:
         config = AutoConfig.from_pretrained(str(path))
-        dtype = getattr(torch, head.get("torch_dtype") or "float32")
+        dtype = torch_dtype(head.get("torch_dtype") or "float32", str(path / PACKED_JSON))
         try:  # skip the random initialisation: every tensor is overwritten below
             from transformers.initialization import no_init_weights
         except ImportError:  # older transformers

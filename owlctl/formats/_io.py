@@ -178,7 +178,8 @@ class OutputClaim:
             os.chmod(self.tmp, _default_mode(False))
             os.replace(self.tmp, self.path)
         self.committed = True
-        _FINISHED.append(str(self.path))
+        if not any(_PARTIAL in part for part in self.path.resolve().parts[:-1]):  # not inside another temporary
+            _FINISHED.append(str(self.path))
         return self.path
 
     def _release(self) -> None:
@@ -236,11 +237,23 @@ def write_json(path: str | os.PathLike, doc: dict, force: bool = False) -> Path:
     return atomic_write_text(path, dumps(doc), force=force)
 
 
+# The command that writes each kind of document (shown in hints), and the option that reads it.
+REMAKE = {"profile": "owlctl profile MODEL -o profile.json",
+          "allocation": "owlctl allocate PROFILE -s S -o allocation.json",
+          "report": "owlctl prune MODEL ... -o CHECKPOINT",
+          "eval": "owlctl eval CHECKPOINT --json", "bench": "owlctl bench MODEL --json",
+          "pipeline": "owlctl pipeline -o DIR"}
+READ_BY = {"profile": "--from-profile", "allocation": "--allocation"}
+
+
 def read_json(path: str | os.PathLike, kind: str, remake: str | None = None) -> dict:
     """Read an owlctl JSON document of ``kind`` ("profile", "allocation", ...) and check its schema tag.
-    ``remake`` is the command that re-creates the file (default: `owlctl KIND ...`), shown in hints."""
+    ``remake`` is the command that re-creates the file, shown in hints."""
     p = Path(path)
-    remake = remake or f"owlctl {kind} ..."
+    remake = remake or REMAKE.get(kind, f"owlctl {kind} ...")
+    if p.is_dir():
+        raise FormatError(f"{p} is a directory, not an owlctl {kind} file",
+                          hint=f"pass the JSON file itself, e.g. {p / (kind + '.json')}, or create it with `{remake}`")
     if not p.is_file():
         raise FormatError(f"{kind} file not found: {p}", hint=f"check the path, or create it with `{remake}`")
     try:
@@ -273,8 +286,14 @@ def check_schema(doc: dict, kind: str, source: str = "document", remake: str | N
     got = doc.get("schema")
     if got == want:
         return
-    remake = remake or f"owlctl {kind} ..."
+    remake = remake or REMAKE.get(kind, f"owlctl {kind} ...")
     producer = doc.get("owlctl_version", "an unknown program")
+    other = next((k for k, v in SCHEMAS.items() if isinstance(got, str) and got.split("/")[0] == v.split("/")[0]
+                  and k != kind), None)
+    if other is not None:
+        flag = f"; pass it with {READ_BY[other]}" if other in READ_BY else ""
+        raise FormatError(f"{source} is an owlctl {other} file, not an owlctl {kind} file{flag}",
+                          hint=f"the {kind} file is written by `{remake}`")
     if isinstance(got, str) and got.startswith(f"owlctl.{kind}/"):
         raise FormatError(
             f"{source} has schema {got} (written by owlctl {producer}); this owlctl {__version__} reads {want}",

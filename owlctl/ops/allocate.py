@@ -177,10 +177,11 @@ def uniform_allocation(model: dict, block_names: list[str], block_numels: list[i
 
 def allocate(cfg: AllocateConfig) -> dict:
     """Read the profile, compute the allocation, write it when ``cfg.output`` is set; return the document."""
-    from owlctl.formats._io import check_output
+    from owlctl.formats._io import check_not_input, check_output
 
     if cfg.output is not None:
-        check_output(cfg.output, cfg.force)
+        check_output(cfg.output, cfg.force, "file")
+        check_not_input(cfg.output, [cfg.profile])
     doc_in, sha = read_profile(cfg.profile)
     doc = allocation_from_profile(
         doc_in, sha, str(cfg.profile), target_sparsity=cfg.target_sparsity, outlier_m=cfg.outlier_m,

@@ -58,27 +58,35 @@ def _copy_side_files(src: Path, dst: Path, tok: Any, model: Any) -> None:
 
 
 def _validate(cfg: ExportConfig) -> None:
-    if cfg.format not in FORMATS:
-        raise InputError(f"unknown export format {cfg.format!r}", hint="use --format onnx or --format packed")
-    if cfg.tolerance <= 0:
-        raise InputError("--tolerance must be > 0")
+    from owlctl.ops.checks import require
+    from owlctl.options import check_choice, finite
+
+    check_choice("--format", cfg.format, ExportFormat)
+    finite("--tolerance", cfg.tolerance, lo=0.0, lo_open=True)
     if cfg.threads < 1:
         raise InputError("--threads must be >= 1")
+    if cfg.format == "onnx":  # before the model is loaded and traced
+        require("onnx", "export --format onnx", "onnx")
+        if cfg.verify:
+            require("onnxruntime", "export --format onnx (its onnxruntime check)", "onnx")
 
 
 def export(cfg: ExportConfig, progress: Any = None) -> dict:
     """Write ``cfg.output`` (a directory, atomically) and return the export document."""
-    import torch
-
-    from owlctl.formats._io import check_output
+    from owlctl.engine.loading import model_config
     from owlctl.formats.checkpoint import checkpoint_writer
+    from owlctl.ops.checks import model_inputs
+    from owlctl.ops.common import output_claim
 
     _validate(cfg)
-    out = check_output(cfg.output, cfg.force)
+    model_config(cfg.checkpoint)  # a missing or broken model fails before the output is claimed
+    out = Path(cfg.output)
+    import torch
+
     torch.set_num_threads(cfg.threads)
     t0 = time.perf_counter()
     ctx = progress.task(f"export {cfg.format}", total=2) if progress is not None else nullcontext(None)
-    with ctx as task:
+    with output_claim(out, cfg.force, "dir", inputs=model_inputs(cfg.checkpoint)) as claim, ctx as task:
         from owlctl.engine.loading import load_model
 
         model, tok, info = load_model(cfg.checkpoint, cfg.dtype)
@@ -88,7 +96,7 @@ def export(cfg: ExportConfig, progress: Any = None) -> dict:
         source = {"id": info.id, "path": str(src_dir), "model_type": info.model_type,
                   "content_sha256": info.content_sha256, "revision": info.revision}
         t_load = time.perf_counter() - t0
-        with checkpoint_writer(out, cfg.force) as tmp:
+        with checkpoint_writer(out, cfg.force, claim) as tmp:
             if cfg.format == "packed":
                 doc = _export_packed(model, tmp, src_dir, source)
             else:

@@ -208,11 +208,12 @@ def finetune(cfg: FinetuneConfig, progress: Any = None) -> dict:
     """LoRA-finetune a (pruned) checkpoint and save it without losing its zeros. Returns the summary
     (plus ``_model``, the saved model or PeftModel, and ``_main``, whether this is the main process)."""
     _validate(cfg)
-    from owlctl.formats._io import check_output
+    from owlctl.formats._io import check_not_input, check_output
     from owlctl.formats.checkpoint import read_checkpoint_records
 
     ckpt, output = Path(cfg.checkpoint).expanduser(), Path(cfg.output).expanduser()
-    check_output(output, cfg.force)
+    check_output(output, cfg.force, "dir")
+    check_not_input(output, [ckpt])
     records = read_checkpoint_records(ckpt)
     try:
         import accelerate  # noqa: F401
@@ -220,20 +221,33 @@ def finetune(cfg: FinetuneConfig, progress: Any = None) -> dict:
     except ImportError as e:
         raise InputError(f"owlctl finetune needs {e.name}, which is not installed",
                          hint="pip install 'owlctl[finetune]'   (peft and accelerate)") from None
-    import torch
-    from accelerate import Accelerator, PartialState
-    from accelerate.utils import GradientAccumulationPlugin, set_seed
+    from accelerate import PartialState
 
-    from owlctl.engine import lora
-    from owlctl.engine.loading import BUILTIN_MODEL, resolve_device
-    from owlctl.ops.common import peak_rss_mb
+    from owlctl.engine.loading import resolve_device
 
     if cfg.device == "cuda":
         resolve_device("cuda")
+    state = PartialState(cpu=cfg.device == "cpu")
+    from owlctl.ops.common import output_claim
+
+    # only the main process writes, so only it claims the output (a lock; the temporary directory now)
+    with output_claim(output if state.is_main_process else None, cfg.force, "dir", inputs=[ckpt]) as claim:
+        return _finetune(cfg, ckpt, output, records, state, claim, progress)
+
+
+def _finetune(cfg: FinetuneConfig, ckpt: Path, output: Path, records: dict, state: Any, claim: Any,
+              progress: Any) -> dict:
+    import torch
+    from accelerate import Accelerator
+    from accelerate.utils import GradientAccumulationPlugin, set_seed
+
+    from owlctl.engine import lora
+    from owlctl.engine.loading import BUILTIN_MODEL
+    from owlctl.ops.common import peak_rss_mb
+
     t_start = time.perf_counter()
     seconds: dict[str, float] = {}
     notes: list[str] = []
-    state = PartialState(cpu=cfg.device == "cpu")
 
     def warn(msg: str) -> None:
         notes.append(msg)
@@ -358,7 +372,7 @@ def finetune(cfg: FinetuneConfig, progress: Any = None) -> dict:
     t0 = time.perf_counter()
     if accelerator.is_main_process:
         _save(cfg, output, final, tok, layout, records, model_dict, finetune_doc, ckpt, info,
-              (counts_before, counts_after))
+              (counts_before, counts_after), claim)
     seconds["save"] = time.perf_counter() - t0
     seconds["total"] = time.perf_counter() - t_start
     return {"output": str(output), "checkpoint": str(ckpt), "mode": cfg.mode, "model": model_dict,
@@ -370,18 +384,18 @@ def finetune(cfg: FinetuneConfig, progress: Any = None) -> dict:
 
 
 def _save(cfg: FinetuneConfig, output: Path, final: Any, tok: Any, layout: Any, records: dict, model_dict: dict,
-          finetune_doc: dict, ckpt: Path, info: Any, counts: tuple[dict, dict]) -> None:
+          finetune_doc: dict, ckpt: Path, info: Any, counts: tuple[dict, dict], claim: Any) -> None:
     from owlctl.formats._io import dumps
     from owlctl.formats.checkpoint import checkpoint_writer, save_checkpoint
 
     source = dict(records["source"] or {"id": info.id, "content_sha256": info.content_sha256})
     source.update(finetuned_from=str(ckpt), finetune_mode=cfg.mode)
     if cfg.adapter_only:
-        with checkpoint_writer(output, cfg.force) as tmp:
+        with checkpoint_writer(output, cfg.force, claim) as tmp:
             final.save_pretrained(str(tmp))
             tok.save_pretrained(str(tmp))
             (tmp / "owlctl-finetune.json").write_text(dumps({"source": source, **finetune_doc}))
         return
     report = _sparsity_report(layout, records["report"], model_dict, *counts, finetune_doc)
     save_checkpoint(final, tok, output, force=cfg.force, allocation=records["allocation"], report=report,
-                    source=source)
+                    source=source, claim=claim)

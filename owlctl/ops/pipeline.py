@@ -42,120 +42,171 @@ FULL_SIZE_HINT = ("full-size protocol (GPU): owlctl pipeline meta-llama/Llama-2-
                   "--seqlen 2048 --eval-data wikitext2 --eval-seqlen 2048 --device cuda -s 0.7 -m 5 -l 0.08")
 
 
-def pipeline(cfg: PipelineConfig, progress: Any = None, log: Any = None) -> dict:
-    from owlctl.core.methods import METHODS
+@dataclass
+class _Plan:
+    """What the pipeline will do, settled before any weight is read."""
 
-    if cfg.method not in METHODS:
-        raise InputError(f"unknown method {cfg.method!r}", hint="use one of: " + ", ".join(METHODS))
-    if not 0.0 < cfg.target_sparsity < 1.0:
+    source: str
+    nsamples: int
+    seqlen: int
+    data: tuple[str, ...]
+    eval_seqlen: int
+    max_windows: int | None
+
+
+def _plan(cfg: PipelineConfig) -> _Plan:
+    """Every check that needs no weights: options, the model's config.json (context), data defaults."""
+    from owlctl.engine.loading import BUILTIN_MODEL, model_config
+    from owlctl.ops.checks import check_owl_knobs, check_seqlen
+    from owlctl.ops.common import calib_defaults
+    from owlctl.ops.evaluate import eval_defaults
+    from owlctl.options import Method, Split, check_choice, check_device
+
+    check_choice("--method", cfg.method, Method)
+    check_choice("--eval-split", cfg.eval_split, Split)
+    check_device(cfg.device)
+    check_owl_knobs(cfg.outlier_m, cfg.lam)
+    if not (isinstance(cfg.target_sparsity, (int, float)) and 0.0 < cfg.target_sparsity < 1.0):
         raise InputError(f"--target-sparsity must be in (0, 1), got {cfg.target_sparsity}")
-    if cfg.output is not None:
-        from owlctl.formats._io import check_output
+    if cfg.save_checkpoints and cfg.output is None:
+        raise InputError("--save-checkpoints needs --output DIR to save them into")
+    config, _ = model_config(cfg.model)
+    # On the built-in model the defaults are sized for a 2-core CPU (the whole job in a few minutes).
+    small = BUILTIN_PIPELINE if cfg.model == BUILTIN_MODEL else {}
+    source, nsamples, seqlen = calib_defaults(cfg.model, cfg.calib, cfg.nsamples or small.get("nsamples"),
+                                              cfg.seqlen or small.get("seqlen"))
+    data, eval_seqlen = eval_defaults(cfg.model, [cfg.eval_data] if cfg.eval_data else None, cfg.eval_seqlen)
+    check_seqlen(seqlen, config, cfg.model)
+    check_seqlen(eval_seqlen, config, cfg.model, "--eval-seqlen")
+    return _Plan(source, nsamples, seqlen, data, eval_seqlen, cfg.max_windows or small.get("max_windows"))
 
-        check_output(cfg.output, cfg.force)
-    say = log or (lambda _m: None)
 
-    from owlctl.core.methods import MethodOptions
+def pipeline(cfg: PipelineConfig, progress: Any = None, log: Any = None) -> dict:
+    """Run the comparison; with ``output`` set, everything is written into a temporary directory beside it
+    and renamed into place at the end, so an interrupted run leaves nothing behind."""
+    from owlctl.ops.checks import model_inputs
+    from owlctl.ops.common import output_claim
+
+    plan = _plan(cfg)
+    with output_claim(cfg.output, cfg.force, "dir", inputs=model_inputs(cfg.model)) as claim:
+        doc, files = _run(cfg, plan, progress, log or (lambda _m: None), claim)
+        if claim is not None:
+            from owlctl.formats._io import dumps
+
+            for name, d in files.items():
+                (claim.tmp / name).write_text(dumps(d), encoding="utf-8")
+            claim.commit()
+    return doc
+
+
+def _run(cfg: PipelineConfig, plan: _Plan, progress: Any, say: Any, claim: Any) -> tuple[dict, dict]:
     from owlctl.engine.data import calibration
-    from owlctl.engine.loading import BUILTIN_MODEL, load_model, resolve_device
+    from owlctl.engine.loading import load_model, load_tokenizer, local_dir, resolve_device
     from owlctl.families import resolve
     from owlctl.formats._io import header
     from owlctl.ops.allocate import allocation_from_profile, uniform_allocation
-    from owlctl.ops.common import calib_defaults, now, peak_rss_mb
-    from owlctl.ops.evaluate import eval_defaults, evaluate_loaded, token_streams
+    from owlctl.ops.common import now, peak_rss_mb
+    from owlctl.ops.evaluate import token_streams
     from owlctl.ops.profile import profile_model
-    from owlctl.ops.prune import prune_model
 
     device = resolve_device(cfg.device)
     t_start = time.perf_counter()
     seconds: dict[str, float] = {}
+    tok = load_tokenizer(local_dir(cfg.model)[0])
+    streams = token_streams(plan.data, cfg.eval_split, tok)  # bad data fails before the weights are read
+    calib = calibration(plan.source, tok, plan.nsamples, plan.seqlen, cfg.seed)
     say(f"loading {cfg.model}")
     base, tok, info = load_model(cfg.model, cfg.dtype)
     layout = resolve(base)
-    builtin = info.id == BUILTIN_MODEL
-    # On the built-in model the defaults are sized for a 2-core CPU (the whole job in a few minutes).
-    nsamples_default = cfg.nsamples or (BUILTIN_PIPELINE["nsamples"] if builtin else None)
-    seqlen_default = cfg.seqlen or (BUILTIN_PIPELINE["seqlen"] if builtin else None)
-    max_windows = cfg.max_windows or (BUILTIN_PIPELINE["max_windows"] if builtin else None)
-    source, nsamples, seqlen = calib_defaults(cfg.model, cfg.calib, nsamples_default, seqlen_default)
-    data, eval_seqlen = eval_defaults(info.id, [cfg.eval_data] if cfg.eval_data else None, cfg.eval_seqlen)
-    streams = token_streams(data, cfg.eval_split, tok)  # fail on bad eval data before any heavy work
-    calib = calibration(source, tok, nsamples, seqlen, cfg.seed)
     seconds["load"] = round(time.perf_counter() - t_start, 2)
-
     t0 = time.perf_counter()
-    say(f"profiling ({nsamples} x {seqlen} tokens of {source})")
+    say(f"profiling ({plan.nsamples} x {plan.seqlen} tokens of {plan.source})")
     prof, _ = profile_model(base, tok, info, calib, outlier_m=tuple(sorted({3.0, 5.0, 7.0, float(cfg.outlier_m)})),
                             device=device, batch_size=cfg.batch_size, progress=progress)
     seconds["profile"] = round(time.perf_counter() - t0, 2)
     model_dict = info.as_dict(layout.family.name, layout.num_blocks)
-    numels = [b["numel"] for b in prof["blocks"]]
-    names = [b["name"] for b in prof["blocks"]]
     allocs = {
-        "uniform": uniform_allocation(model_dict, names, numels, target_sparsity=cfg.target_sparsity),
+        "uniform": uniform_allocation(model_dict, [b["name"] for b in prof["blocks"]],
+                                      [b["numel"] for b in prof["blocks"]], target_sparsity=cfg.target_sparsity),
         "owl": allocation_from_profile(prof, None, None, target_sparsity=cfg.target_sparsity,
                                        outlier_m=cfg.outlier_m, lam=cfg.lam),
     }
-
-    def run_eval(model: Any, label: str) -> dict:
-        t = time.perf_counter()
-        say(f"evaluating {label} on {', '.join(data)} ({cfg.eval_split} split, seqlen {eval_seqlen})")
-        res = evaluate_loaded(model, tok, data=data, split=cfg.eval_split, seqlen=eval_seqlen,
-                              batch_size=cfg.batch_size, max_windows=max_windows, device=device,
-                              streams=streams, progress=progress)
-        seconds[f"eval_{label}"] = round(time.perf_counter() - t, 2)
-        return res["perplexity"]
-
-    rows: list[dict] = []
-    dense_ppl = run_eval(base, "dense")
-    rows.append({"variant": "dense", "perplexity": {k: v["ppl"] for k, v in dense_ppl.items()},
-                 "windows": {k: v["windows"] for k, v in dense_ppl.items()}, "realised_sparsity": 0.0,
-                 "block_sparsity_min": 0.0, "block_sparsity_max": 0.0, "prune_seconds": 0.0})
-    opts = MethodOptions()
+    ctx = _Context(cfg, plan, tok, info, model_dict, calib, streams, device, progress, say, seconds, claim)
+    rows = [ctx.evaluate(base, "dense", None)]
     checkpoints: dict[str, str] = {}
     for label, alloc in allocs.items():
-        model = copy.deepcopy(base)
-        lay = resolve(model)
-        t0 = time.perf_counter()
-        say(f"pruning with {cfg.method}, {label} allocation, target {cfg.target_sparsity:.0%}")
-        blocks, _ = prune_model(model, lay, alloc, cfg.method, opts, calib, device=device,
-                                batch_size=cfg.batch_size, progress=progress)
-        seconds[f"prune_{label}"] = round(time.perf_counter() - t0, 2)
-        ppl = run_eval(model, label)
-        total = sum(b["numel"] for b in blocks)
-        rows.append({"variant": f"{cfg.method} {label}", "perplexity": {k: v["ppl"] for k, v in ppl.items()},
-                     "windows": {k: v["windows"] for k, v in ppl.items()},
-                     "realised_sparsity": sum(b["zeros"] for b in blocks) / total,
-                     "block_sparsity_min": min(b["sparsity"] for b in blocks),
-                     "block_sparsity_max": max(b["sparsity"] for b in blocks),
-                     "prune_seconds": seconds[f"prune_{label}"]})
-        if cfg.output is not None and cfg.save_checkpoints:
-            from owlctl.formats.checkpoint import report_doc, save_checkpoint
-
-            out = Path(cfg.output) / f"{cfg.method}-{label}"
-            save_checkpoint(model, tok, out, force=True, allocation=alloc,
-                            report=report_doc(model_dict, cfg.method, alloc["pattern"], blocks, {}),
-                            source={"id": info.id, "content_sha256": info.content_sha256, "method": cfg.method})
-            checkpoints[label] = str(out)
-        del model
-
+        rows.append(ctx.prune_and_evaluate(base, label, alloc, checkpoints))
     seconds["total"] = round(time.perf_counter() - t_start, 2)
     doc = {**header("pipeline"), "created": now(), "model": model_dict, "method": cfg.method,
            "target_sparsity": cfg.target_sparsity, "outlier_m": cfg.outlier_m, "lambda": cfg.lam,
            "calibration": calib.as_dict(),
-           "evaluation": {"data": list(data), "split": cfg.eval_split, "seqlen": eval_seqlen,
-                          "max_windows": max_windows},
+           "evaluation": {"data": list(plan.data), "split": cfg.eval_split, "seqlen": plan.eval_seqlen,
+                          "max_windows": plan.max_windows},
            "results": rows, "owl_block_sparsity": [b["sparsity"] for b in allocs["owl"]["blocks"]],
            "outlier_pct": [b["outlier_pct"] for b in allocs["owl"]["blocks"]],
            "checkpoints": checkpoints, "seconds": seconds, "peak_rss_mb": round(peak_rss_mb(), 1),
            "full_size_hint": FULL_SIZE_HINT}
-    if cfg.output is not None:
-        from owlctl.formats._io import write_json
+    files = {"profile.json": prof, **{f"allocation-{k}.json": a for k, a in allocs.items()}, "pipeline.json": doc}
+    return doc, files
 
-        out = Path(cfg.output)
-        out.mkdir(parents=True, exist_ok=True)
-        write_json(out / "profile.json", prof, force=True)
-        for label, alloc in allocs.items():
-            write_json(out / f"allocation-{label}.json", alloc, force=True)
-        write_json(out / "pipeline.json", doc, force=True)
-    return doc
+
+@dataclass
+class _Context:
+    """What each variant's pruning and evaluation share."""
+
+    cfg: PipelineConfig
+    plan: _Plan
+    tok: Any
+    info: Any
+    model_dict: dict
+    calib: Any
+    streams: dict
+    device: str
+    progress: Any
+    say: Any
+    seconds: dict
+    claim: Any
+
+    def evaluate(self, model: Any, label: str, blocks: list[dict] | None) -> dict:
+        from owlctl.ops.evaluate import evaluate_loaded
+
+        t = time.perf_counter()
+        p = self.plan
+        self.say(f"evaluating {label} on {', '.join(p.data)} ({self.cfg.eval_split} split, seqlen {p.eval_seqlen})")
+        res = evaluate_loaded(model, self.tok, data=p.data, split=self.cfg.eval_split, seqlen=p.eval_seqlen,
+                              batch_size=self.cfg.batch_size, max_windows=p.max_windows, device=self.device,
+                              streams=self.streams, progress=self.progress)
+        self.seconds[f"eval_{label}"] = round(time.perf_counter() - t, 2)
+        ppl = res["perplexity"]
+        sp = [b["sparsity"] for b in blocks] if blocks else [0.0]
+        total = sum(b["numel"] for b in blocks) if blocks else 1
+        return {"variant": "dense" if blocks is None else f"{self.cfg.method} {label}",
+                "perplexity": {k: v["ppl"] for k, v in ppl.items()},
+                "windows": {k: v["windows"] for k, v in ppl.items()},
+                "realised_sparsity": sum(b["zeros"] for b in blocks) / total if blocks else 0.0,
+                "block_sparsity_min": min(sp), "block_sparsity_max": max(sp),
+                "prune_seconds": self.seconds.get(f"prune_{label}", 0.0)}
+
+    def prune_and_evaluate(self, base: Any, label: str, alloc: dict, checkpoints: dict) -> dict:
+        from owlctl.core.methods import MethodOptions
+        from owlctl.families import resolve
+        from owlctl.ops.prune import prune_model
+
+        model = copy.deepcopy(base)
+        t0 = time.perf_counter()
+        self.say(f"pruning with {self.cfg.method}, {label} allocation, target {self.cfg.target_sparsity:.0%}")
+        blocks, _ = prune_model(model, resolve(model), alloc, self.cfg.method, MethodOptions(), self.calib,
+                                device=self.device, batch_size=self.cfg.batch_size, progress=self.progress)
+        self.seconds[f"prune_{label}"] = round(time.perf_counter() - t0, 2)
+        row = self.evaluate(model, label, blocks)
+        if self.claim is not None and self.cfg.save_checkpoints:
+            from owlctl.formats.checkpoint import report_doc, save_checkpoint
+
+            name = f"{self.cfg.method}-{label}"
+            save_checkpoint(model, self.tok, self.claim.tmp / name, force=False, allocation=alloc,
+                            report=report_doc(self.model_dict, self.cfg.method, alloc["pattern"], blocks, {}),
+                            source={"id": self.info.id, "content_sha256": self.info.content_sha256,
+                                    "method": self.cfg.method})
+            checkpoints[label] = str(Path(self.cfg.output) / name)
+        del model
+        return row

@@ -24,7 +24,7 @@ def check_plot_path(path: str | os.PathLike, force: bool = False) -> Path:
         raise InputError(f"cannot tell the figure format of {p}", hint=f"end the file name with .{', .'.join(FORMATS)}")
     if importlib.util.find_spec("matplotlib") is None:
         raise InputError("plotting needs matplotlib, which is not installed", hint="pip install 'owlctl[plot]'")
-    return check_output(p, force)
+    return check_output(p, force, "file")
 
 
 def plot_allocation(doc: dict, path: str | os.PathLike, force: bool = False) -> Path:
