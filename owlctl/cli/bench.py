@@ -89,6 +89,13 @@ def _body(cfg, json_out: bool, quiet: bool) -> None:
         console.print_json(doc)
     else:
         render(doc)
+    check = doc["logits_check"]
+    if not check["ok"]:
+        bad = ", ".join(f"{r['label']} ({r['backend']}): {r['max_abs_diff']:.3g} > {r['tolerance']:g}"
+                        for r in check["rows"] if not r["ok"])
+        raise InputError(f"logits differ from PyTorch's dense forward beyond the tolerance: {bad}; the speed of "
+                         "a wrong answer is not a result", hint="a broken kernel or runtime; report it (the "
+                         "numbers are above), or raise --tolerance if the difference is expected")
 
 
 def register(app: typer.Typer) -> None:

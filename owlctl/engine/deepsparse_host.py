@@ -56,16 +56,40 @@ def deepsparse_python(explicit: str | Path | None = None) -> Path:
     if not info["avx2"]:
         raise ModelError("DeepSparse needs a CPU with AVX2 (or AVX-512); /proc/cpuinfo lists no avx2 flag",
                          hint="use --backend torch-sparse, the maintained sparse CPU path")
+    from owlctl.engine.trust import check_private, check_recorded
+
     if explicit:
         py = Path(explicit)
-    else:
-        py = deepsparse_venv() / "bin" / "python"
-        if py.is_file() and not (deepsparse_venv() / SETUP_MARKER).is_file():
-            raise ModelError(f"the DeepSparse venv at {deepsparse_venv()} is incomplete (an interrupted setup)",
-                             hint=SETUP_HINT)
+        if not py.is_file():
+            raise ModelError(f"DeepSparse is not installed (no Python at {py})", hint=SETUP_HINT)
+        check_private(py.resolve(), what="the DeepSparse interpreter")
+        return py
+    venv = deepsparse_venv()
+    py = venv / "bin" / "python"
     if not py.is_file():
         raise ModelError(f"DeepSparse is not installed (no Python at {py})", hint=SETUP_HINT)
+    marker = _read_marker(venv)
+    if marker is None:
+        raise ModelError(f"the DeepSparse venv at {venv} is incomplete (an interrupted setup, or made by an older "
+                         "owlctl)", hint=SETUP_HINT)
+    from owlctl.engine.loading import cache_dir
+
+    # the venv, its bin/ and marker private to this user; the interpreter the one recorded at setup
+    for p in (venv / SETUP_MARKER, venv / "bin"):
+        check_private(p, root=cache_dir(), what="the DeepSparse venv")
+    check_private(py, root=cache_dir(), what="the DeepSparse interpreter")
+    real = py.resolve()
+    check_private(real, what="the DeepSparse interpreter")
+    check_recorded(real, marker.get("python_sha256"), "the DeepSparse interpreter")
     return py
+
+
+def _read_marker(venv: Path) -> dict | None:
+    try:
+        doc = json.loads((venv / SETUP_MARKER).read_text())
+    except (OSError, ValueError):
+        return None
+    return doc if isinstance(doc, dict) and "python_sha256" in doc else None
 
 
 def _find_python_for_deepsparse() -> str:
@@ -113,7 +137,11 @@ def setup_deepsparse(log: Callable[[str], None] = lambda s: None) -> dict:
     except BaseException:
         shutil.rmtree(venv, ignore_errors=True)
         raise
-    (venv / SETUP_MARKER).write_text(" ".join(DEEPSPARSE_PINS) + "\n")
+    from owlctl.engine.trust import sha256
+
+    os.chmod(venv, 0o700)
+    marker = {"pins": list(DEEPSPARSE_PINS), "python": str(py.resolve()), "python_sha256": sha256(py.resolve())}
+    (venv / SETUP_MARKER).write_text(json.dumps(marker) + "\n")
     lines = out.strip().splitlines()
     return {"python": str(py), "deepsparse": lines[0] if lines else None,
             "python_version": lines[1] if len(lines) > 1 else None, "pins": list(DEEPSPARSE_PINS)}

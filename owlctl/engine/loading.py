@@ -236,6 +236,21 @@ def model_config(spec: str) -> tuple[dict, Path | None]:
     return doc, path
 
 
+def origin_id(spec: str, path: Path | None) -> str:
+    """The model id a spec stands for: a checkpoint written by owlctl remembers the model it came from."""
+    if spec.startswith("builtin:") or path is None:
+        return spec
+    meta = Path(path) / "owlctl-source.json"
+    if meta.is_file():
+        try:
+            got = json.loads(meta.read_text(encoding="utf-8")).get("id")
+        except (OSError, ValueError, AttributeError):
+            got = None
+        if isinstance(got, str):
+            return got
+    return spec
+
+
 def load_tokenizer(path: str | Path) -> Any:
     """The tokenizer saved beside a model (None when there is none)."""
     from transformers import AutoTokenizer
@@ -281,11 +296,7 @@ def load_model(spec: str, dtype: str = "auto", device: str = "cpu") -> tuple[Any
     model.eval()
     model.config.use_cache = False
     tok = load_tokenizer(path)
-    meta = path / "owlctl-source.json"
-    model_id = spec
-    if meta.is_file():  # a checkpoint written by owlctl remembers its origin
-        model_id = json.loads(meta.read_text()).get("id", spec)
-    info = ModelInfo(id=model_id if spec != BUILTIN_MODEL else BUILTIN_MODEL, model_type=model.config.model_type,
+    info = ModelInfo(id=origin_id(spec, path), model_type=model.config.model_type,
                      revision=revision, content_sha256=content_hash(path), path=str(path))
     if device != "cpu":
         resolve_device(device)

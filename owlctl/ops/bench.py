@@ -49,6 +49,9 @@ class BenchConfig:
     sparse_kernel: str = opt("--sparse-kernel", help="torch-sparse: which sparse kernel.",
                              choices=SparseKernel)("auto")
     seed: int = opt("--seed", help="Seed of the random prompt.")(0)
+    tolerance: float | None = opt("--tolerance", help="Largest allowed |logits - PyTorch dense| per row; above it "
+                                  "bench fails (exit 1). Default: 1e-3 for float32 weights, 0.1 for 16-bit.",
+                                  min=0.0)(None)
     device: str = DEVICE("cpu")
     dtype: str = DTYPE("auto")
 
@@ -143,7 +146,28 @@ def _check_context(spec: str, cfg: BenchConfig) -> dict:
         raise InputError(f"--prompt-len {cfg.prompt_len} + --new-tokens {cfg.new_tokens} = {need} tokens exceeds "
                          f"the context of {spec} ({ctx} positions)",
                          hint=f"use a prompt and generation that fit in {ctx} tokens")
-    return {"context_length": ctx, "vocab_size": int(config.vocab_size)}
+    dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    return {"context_length": ctx, "vocab_size": int(config.vocab_size),
+            "dtype": str(dtype).replace("torch.", "") if dtype is not None else None}
+
+
+# Largest |logits - PyTorch dense| a backend may show before its row is a failure (a fast wrong answer is a
+# failure): float32 kernels differ from PyTorch only in summation order; 16-bit weights round more.
+TOLERANCE = {"float32": 1e-3, "16-bit": 1e-1}
+
+
+def logits_check(rows: list[dict], meta: dict, cfg: BenchConfig) -> dict:
+    """Every row's first-token logits against PyTorch's dense forward of the same weights."""
+    out = []
+    for r in rows:
+        dtype = cfg.dtype if cfg.dtype != "auto" else meta.get(r["model"]["spec"], {}).get("dtype")
+        tol = cfg.tolerance if cfg.tolerance is not None else (
+            TOLERANCE["float32"] if dtype in (None, "float32", "fp32") else TOLERANCE["16-bit"])
+        d = r.get("max_abs_diff_vs_torch")
+        ok = d is None or d <= tol  # NaN fails too
+        out.append({"label": r["label"], "backend": r["backend"], "max_abs_diff": d, "tolerance": tol, "ok": ok})
+    return {"ok": all(x["ok"] for x in out), "rows": out,
+            "definition": "max |first-token logits - PyTorch dense logits of the same weights|"}
 
 
 def _prunable_sparsity(model: Any) -> float | None:
@@ -490,6 +514,7 @@ def bench(cfg: BenchConfig, progress: Any = None) -> dict:
         "models": meta,
         "rows": rows,
         "comparison": comparison,
+        "logits_check": logits_check(rows, meta, cfg),
         **({"deepsparse_setup": setup_info} if setup_info else {}),
     }
 

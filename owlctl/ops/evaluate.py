@@ -88,6 +88,10 @@ def _expand_tasks(tasks: Sequence[str] | None) -> tuple[str, ...] | None:
 
 
 def _validate(cfg: EvalConfig) -> None:
+    from owlctl.options import Dtype, check_choice, check_device
+
+    check_device(cfg.device)
+    check_choice("--dtype", cfg.dtype, Dtype)
     if cfg.split not in SPLITS:
         hint = "calibration text is never used for evaluation" if cfg.split == "calib" else None
         raise InputError(f"--split must be one of {', '.join(SPLITS)}, got {cfg.split!r}", hint=hint)
@@ -368,28 +372,37 @@ def _same_device(a: Any, b: Any) -> bool:
 
 
 def evaluate(cfg: EvalConfig, progress: Any = None) -> dict:
-    """Load ``cfg.model`` (and ``cfg.compare``), evaluate, and return one owlctl.eval/1 document."""
-    from owlctl.engine.loading import resolve_device, resolve_dtype
+    """Load ``cfg.model`` (and ``cfg.compare``), evaluate, and return one owlctl.eval/1 document.
+    The window length, the data and the zero-shot tasks are checked before any weight is read."""
+    from owlctl.engine.loading import load_tokenizer, local_dir, model_config, origin_id, resolve_device
     from owlctl.formats._io import header
+    from owlctl.ops.checks import check_seqlen
     from owlctl.ops.common import now
 
     _validate(cfg)
-    device = resolve_device(cfg.device)
-    resolve_dtype(cfg.dtype)
     tasks = _expand_tasks(cfg.tasks)
     if tasks:
         from owlctl.engine.zeroshot import task_manager
 
         task_manager(tasks, cfg.task_dir)  # missing lm-eval / unknown task: fail before loading the model
     t_start = time.perf_counter()
-    model, tok, records, desc = _load(cfg.model, cfg.dtype)
-    data, seqlen = eval_defaults(desc["id"], cfg.data, cfg.seqlen)
-    t_load = time.perf_counter() - t_start
+    config, local = model_config(cfg.model)
+    data, seqlen = eval_defaults(origin_id(cfg.model, local), cfg.data, cfg.seqlen)
     if cfg.ppl:
-        _check_seqlen(model, seqlen)  # before tokenising (wikitext2 / c4 may have to be downloaded)
-    if cfg.compare is not None and cfg.ppl:
-        _check_compare_tokenizer(cfg, tok)  # before the first (possibly long) evaluation
-    streams = token_streams(data, cfg.split, tok) if cfg.ppl else None
+        check_seqlen(seqlen, config, cfg.model)  # before tokenising (wikitext2 / c4 may have to be downloaded)
+    device = resolve_device(cfg.device)
+    streams = None
+    if cfg.ppl:
+        tok0 = load_tokenizer(local_dir(cfg.model)[0])
+        if cfg.compare is not None:
+            _check_compare_tokenizer(cfg, tok0)  # before the first (possibly long) evaluation
+        streams = token_streams(data, cfg.split, tok0)
+        for source, ids in streams.items():  # too-short corpus: fail before the weights are read
+            from owlctl.engine.perplexity import windows
+
+            windows(ids, seqlen, _windows_cap(source, cfg.max_windows))
+    model, tok, records, desc = _load(cfg.model, cfg.dtype)
+    t_load = time.perf_counter() - t_start
     kw = dict(split=cfg.split, seqlen=seqlen, batch_size=cfg.batch_size, max_windows=cfg.max_windows,
               ppl=cfg.ppl, tasks=tasks, limit=cfg.limit, task_dir=cfg.task_dir, device=device, streams=streams,
               progress=progress)
