@@ -74,7 +74,8 @@ class Progress:
     with many steps, e.g. `prune (wanda) block 7/30  41 s`. Nothing with -q."""
 
     def __init__(self) -> None:
-        self.interactive = (not _quiet) and err.is_terminal
+        # TERM=dumb (Emacs shells, some CI consoles) cannot move the cursor: plain lines there too
+        self.interactive = (not _quiet) and err.is_terminal and not err.is_dumb_terminal
 
     @contextmanager
     def task(self, description: str, total: int | None) -> Iterator[Any]:
@@ -115,7 +116,8 @@ class _PlainTask:
         many = self.total is None or self.total > self.MANY
         if final or not many or now - self.last >= self.INTERVAL:
             self.last = now
-            what = info or (f"{self.done}/{self.total}" if self.total is not None else str(self.done))
+            count = f"{self.done}/{self.total}" if self.total is not None else str(self.done)
+            what = info if info and "/" in info else f"{info} {count}" if info else count
             sys.stderr.write(f"{self.description} {what}  {now - self.t0:.0f} s\n")
             sys.stderr.flush()
 

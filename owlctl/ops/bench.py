@@ -119,14 +119,6 @@ def _summarise(runs: list[dict], batch: int, prompt_len: int) -> tuple[dict, dic
     return prefill, decode
 
 
-def context_length(config: Any) -> int | None:
-    for k in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length", "n_ctx"):
-        v = getattr(config, k, None)
-        if isinstance(v, int) and v > 0:
-            return v
-    return None
-
-
 def _model_dir(spec: str) -> Path:
     from owlctl.engine.loading import local_dir
 
@@ -134,21 +126,21 @@ def _model_dir(spec: str) -> Path:
 
 
 def _check_context(spec: str, cfg: BenchConfig) -> dict:
-    from transformers import AutoConfig
+    from owlctl.engine.loading import model_config
+    from owlctl.ops.checks import context_length
 
-    try:
-        config = AutoConfig.from_pretrained(str(_model_dir(spec)))
-    except (OSError, ValueError) as e:
-        raise ModelError(f"cannot read the config of {spec}: {e}") from None
+    config, _ = model_config(spec)
     ctx = context_length(config)
     need = cfg.prompt_len + cfg.new_tokens
     if ctx is not None and need > ctx:
         raise InputError(f"--prompt-len {cfg.prompt_len} + --new-tokens {cfg.new_tokens} = {need} tokens exceeds "
                          f"the context of {spec} ({ctx} positions)",
                          hint=f"use a prompt and generation that fit in {ctx} tokens")
-    dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
-    return {"context_length": ctx, "vocab_size": int(config.vocab_size),
-            "dtype": str(dtype).replace("torch.", "") if dtype is not None else None}
+    text = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
+    dtype = text.get("dtype") or text.get("torch_dtype")
+    if not isinstance(text.get("vocab_size"), int):
+        raise ModelError(f"the config of {spec} has no vocab_size", hint="the model directory may be incomplete")
+    return {"context_length": ctx, "vocab_size": int(text["vocab_size"]), "dtype": dtype}
 
 
 # Largest |logits - PyTorch dense| a backend may show before its row is a failure (a fast wrong answer is a

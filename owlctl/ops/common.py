@@ -12,8 +12,10 @@ DEFAULT_CALIB = {"source": "c4", "nsamples": 128, "seqlen": 2048}
 BUILTIN_CALIB = {"source": "builtin:wiki", "nsamples": 32, "seqlen": 512}
 
 
-def calib_defaults(model: str, calib: str | None, nsamples: int | None, seqlen: int | None) -> tuple[str, int, int]:
-    """(source, nsamples, seqlen) with the defaults filled in; 0 or less is an error, not "the default"."""
+def calib_defaults(model: str, calib: str | None, nsamples: int | None, seqlen: int | None,
+                   context: int | None = None) -> tuple[str, int, int]:
+    """(source, nsamples, seqlen) with the defaults filled in; 0 or less is an error, not "the default".
+    The default seqlen is capped at the model's ``context`` (a 512-position model calibrates at 512)."""
     from owlctl.errors import InputError
 
     base = BUILTIN_CALIB if model == BUILTIN_MODEL else DEFAULT_CALIB
@@ -21,8 +23,9 @@ def calib_defaults(model: str, calib: str | None, nsamples: int | None, seqlen: 
         raise InputError(f"--nsamples must be >= 1, got {nsamples}")
     if seqlen is not None and seqlen < 2:
         raise InputError(f"--seqlen must be >= 2, got {seqlen}")
-    return (calib or base["source"], base["nsamples"] if nsamples is None else nsamples,
-            base["seqlen"] if seqlen is None else seqlen)
+    if seqlen is None:
+        seqlen = base["seqlen"] if context is None else min(base["seqlen"], context)
+    return (calib or base["source"], base["nsamples"] if nsamples is None else nsamples, seqlen)
 
 
 def output_claim(path: Any, force: bool, kind: str, inputs: Any = (), need_bytes: int | None = None) -> Any:

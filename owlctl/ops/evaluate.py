@@ -67,13 +67,16 @@ class EvalConfig(ComputeOptions):
             object.__setattr__(self, "tasks", ("paper",))
 
 
-def eval_defaults(model_id: str, data: Sequence[str] | None = None, seqlen: int | None = None
-                  ) -> tuple[tuple[str, ...], int]:
-    """(data sources, seqlen) for a model id (a checkpoint reports the id it was pruned from)."""
+def eval_defaults(model_id: str, data: Sequence[str] | None = None, seqlen: int | None = None,
+                  context: int | None = None) -> tuple[tuple[str, ...], int]:
+    """(data sources, seqlen) for a model id (a checkpoint reports the id it was pruned from); the default
+    seqlen is capped at the model's ``context``."""
     from owlctl.engine.loading import BUILTIN_MODEL
 
     base = BUILTIN_EVAL if model_id == BUILTIN_MODEL else DEFAULT_EVAL
-    return tuple(data) if data else base["data"], seqlen or base["seqlen"]
+    if seqlen is None:
+        seqlen = base["seqlen"] if context is None else min(base["seqlen"], context)
+    return tuple(data) if data else base["data"], seqlen
 
 
 def _expand_tasks(tasks: Sequence[str] | None) -> tuple[str, ...] | None:
@@ -376,7 +379,7 @@ def evaluate(cfg: EvalConfig, progress: Any = None) -> dict:
     The window length, the data and the zero-shot tasks are checked before any weight is read."""
     from owlctl.engine.loading import load_tokenizer, local_dir, model_config, origin_id, resolve_device
     from owlctl.formats._io import header
-    from owlctl.ops.checks import check_seqlen
+    from owlctl.ops.checks import check_seqlen, context_length
     from owlctl.ops.common import now
 
     _validate(cfg)
@@ -387,7 +390,7 @@ def evaluate(cfg: EvalConfig, progress: Any = None) -> dict:
         task_manager(tasks, cfg.task_dir)  # missing lm-eval / unknown task: fail before loading the model
     t_start = time.perf_counter()
     config, local = model_config(cfg.model)
-    data, seqlen = eval_defaults(origin_id(cfg.model, local), cfg.data, cfg.seqlen)
+    data, seqlen = eval_defaults(origin_id(cfg.model, local), cfg.data, cfg.seqlen, context_length(config))
     if cfg.ppl:
         check_seqlen(seqlen, config, cfg.model)  # before tokenising (wikitext2 / c4 may have to be downloaded)
     device = resolve_device(cfg.device)

@@ -57,7 +57,7 @@ class _Plan:
 def _plan(cfg: PipelineConfig) -> _Plan:
     """Every check that needs no weights: options, the model's config.json (context), data defaults."""
     from owlctl.engine.loading import BUILTIN_MODEL, model_config
-    from owlctl.ops.checks import check_owl_knobs, check_seqlen
+    from owlctl.ops.checks import check_owl_knobs, check_seqlen, context_length
     from owlctl.ops.common import calib_defaults
     from owlctl.ops.evaluate import eval_defaults
     from owlctl.options import Method, Split, check_choice, check_device
@@ -73,9 +73,11 @@ def _plan(cfg: PipelineConfig) -> _Plan:
     config, _ = model_config(cfg.model)
     # On the built-in model the defaults are sized for a 2-core CPU (the whole job in a few minutes).
     small = BUILTIN_PIPELINE if cfg.model == BUILTIN_MODEL else {}
+    context = context_length(config)
     source, nsamples, seqlen = calib_defaults(cfg.model, cfg.calib, cfg.nsamples or small.get("nsamples"),
-                                              cfg.seqlen or small.get("seqlen"))
-    data, eval_seqlen = eval_defaults(cfg.model, [cfg.eval_data] if cfg.eval_data else None, cfg.eval_seqlen)
+                                              cfg.seqlen or small.get("seqlen"), context)
+    data, eval_seqlen = eval_defaults(cfg.model, [cfg.eval_data] if cfg.eval_data else None, cfg.eval_seqlen,
+                                      context)
     check_seqlen(seqlen, config, cfg.model)
     check_seqlen(eval_seqlen, config, cfg.model, "--eval-seqlen")
     return _Plan(source, nsamples, seqlen, data, eval_seqlen, cfg.max_windows or small.get("max_windows"))

@@ -70,7 +70,7 @@ def profile(cfg: ProfileConfig, progress: Any = None) -> dict:
     """Load the model and calibration data, profile, and write the profile JSON (when ``output`` is set).
     Returns a summary document (``owlctl.profile/1`` document under "profile", plus timings)."""
     from owlctl.engine.loading import model_config
-    from owlctl.ops.checks import check_seqlen, model_inputs
+    from owlctl.ops.checks import check_seqlen, context_length, model_inputs
     from owlctl.ops.common import calib_defaults, output_claim
     from owlctl.options import check_device, finite
 
@@ -84,7 +84,8 @@ def profile(cfg: ProfileConfig, progress: Any = None) -> dict:
     check_device(cfg.device)
     t0 = time.perf_counter()
     config, _ = model_config(cfg.model)
-    source, nsamples, seqlen = calib_defaults(cfg.model, cfg.calib, cfg.nsamples, cfg.seqlen)
+    source, nsamples, seqlen = calib_defaults(cfg.model, cfg.calib, cfg.nsamples, cfg.seqlen,
+                                              context_length(config))
     check_seqlen(seqlen, config, cfg.model)
     with output_claim(cfg.output, cfg.force, "file", inputs=model_inputs(cfg.model)) as claim:
         from owlctl.engine.data import calibration

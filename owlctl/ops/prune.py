@@ -236,7 +236,7 @@ def prune(cfg: PruneConfig, progress: Any = None) -> dict:
     allocation against the model, the output location), then the calibration tokens, then the weights."""
     from owlctl.core.methods import NEEDS
     from owlctl.engine.loading import model_config
-    from owlctl.ops.checks import check_pattern_fits, check_seqlen, model_inputs, prune_pattern
+    from owlctl.ops.checks import check_pattern_fits, check_seqlen, context_length, model_inputs, prune_pattern
     from owlctl.ops.common import calib_defaults, output_claim, weights_bytes
 
     _validate(cfg)
@@ -245,7 +245,8 @@ def prune(cfg: PruneConfig, progress: Any = None) -> dict:
     config, local = model_config(cfg.model)
     check_pattern_fits(prune_pattern(cfg.pattern), config, cfg.model)
     needs_data = bool(NEEDS[cfg.method])
-    source, nsamples, seqlen = calib_defaults(cfg.model, cfg.calib, cfg.nsamples, cfg.seqlen)
+    source, nsamples, seqlen = calib_defaults(cfg.model, cfg.calib, cfg.nsamples, cfg.seqlen,
+                                              context_length(config))
     if needs_data:
         check_seqlen(seqlen, config, cfg.model)
     early = _early_allocation(cfg, config)

@@ -130,10 +130,11 @@ def test_defaults_and_bad_config(tiny_llama, text_file):
     assert eval_defaults("builtin:smollm2-135m") == (("builtin:wiki",), 512)
     assert eval_defaults("meta-llama/Llama-2-7b-hf") == (("wikitext2",), 2048)
     assert eval_defaults("x", ["c4"], 128) == (("c4",), 128)
+    assert eval_defaults("x", None, None, context=512) == (("wikitext2",), 512)  # the default fits the model
     with pytest.raises(InputError, match="--split"):
         evaluate(EvalConfig(model=str(tiny_llama), split="calib"))
-    with pytest.raises(InputError, match="max_position_embeddings"):  # the default 2048 > 512 positions
-        evaluate(EvalConfig(model=str(tiny_llama), data=(str(text_file),), device="cpu"))
+    with pytest.raises(InputError, match="max_position_embeddings"):  # asked for more than the 512 positions
+        evaluate(EvalConfig(model=str(tiny_llama), data=(str(text_file),), seqlen=1024, device="cpu"))
 
 
 # -------------------------------------------------------------------------------------- zero-shot
