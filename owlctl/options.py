@@ -29,10 +29,13 @@ class Choice(str, Enum):
         return tuple(m.value for m in cls)
 
 
-class Method(Choice):
-    magnitude = "magnitude"
-    wanda = "wanda"
-    sparsegpt = "sparsegpt"
+def _method_choice() -> type[Choice]:
+    from owlctl.core.methods import REGISTRY  # the registry imports no torch
+
+    return Choice("Method", {name: name for name in REGISTRY})  # type: ignore[return-value]
+
+
+Method = _method_choice()
 
 
 class Allocator(Choice):

@@ -44,27 +44,6 @@ class PruneConfig(ComputeOptions, CalibrationOptions):
     force: bool = FORCE(False)
 
 
-def expected_pruned(method: str, shape: tuple[int, int], sparsity: float | None, nm: tuple[int, int] | None,
-                    opts: Any) -> int:
-    """How many weights a matrix of ``shape`` must lose under the method's comparison group."""
-    from owlctl.core.masks import prune_count
-
-    rows, cols = shape
-    if nm is not None:
-        n_keep, m = nm
-        return rows * (cols // m) * (m - n_keep)
-    if sparsity is None or sparsity == 0:
-        return 0
-    if method == "wanda" and not opts.wanda_variant:
-        return rows * prune_count(cols, sparsity) if opts.wanda_group == "row" else prune_count(rows * cols, sparsity)
-    if method == "sparsegpt":
-        b = opts.blocksize
-        return sum(prune_count(rows * min(b, cols - i), sparsity) for i in range(0, cols, b))
-    if method == "magnitude":
-        return prune_count(rows * cols, sparsity)
-    return -1  # wanda variant: data-dependent
-
-
 def _validate(cfg: PruneConfig) -> None:
     from owlctl.ops.checks import check_owl_knobs, prune_pattern
     from owlctl.options import Balance, Clamp, Method, WandaGroup, check_choice, check_device, finite
@@ -164,9 +143,10 @@ def prune_model(model: Any, layout: Any, alloc: dict, method: str, opts: Any, ca
     """Prune a loaded model in place following ``alloc``; returns (per-block report rows, timings)."""
     import torch
 
-    from owlctl.core.methods import NEEDS, prune_weight
+    from owlctl.core.methods import expected_pruned, get, prune_weight
     from owlctl.engine.driver import Timings, progress_task, run_blocks
 
+    needs = get(method).needs
     targets = _targets(alloc)
     if len(targets) != layout.num_blocks:
         raise ModelError(f"allocation has {len(targets)} blocks but the model has {layout.num_blocks}")
@@ -185,9 +165,9 @@ def prune_model(model: Any, layout: Any, alloc: dict, method: str, opts: Any, ca
         for name, lin in linears.items():
             w = lin.weight
             kw: dict = {}
-            if "act_norm" in NEEDS[method]:
+            if "act_norm" in needs:
                 kw["act_sq_norm"] = stats[name].act_sq_norm()
-            if "hessian" in NEEDS[method]:
+            if "hessian" in needs:
                 kw["hessian"] = stats[name].hessian()
             if nm is not None:
                 new_w, mask = prune_weight(method, w.detach(), n_keep=nm[0], m=nm[1], options=opts, **kw)
@@ -209,7 +189,7 @@ def prune_model(model: Any, layout: Any, alloc: dict, method: str, opts: Any, ca
                      "target_sparsity": sparsity if nm is None else 1 - nm[0] / nm[1],
                      "n_keep": None if nm is None else nm[0], "linears": linear_rows})
 
-    if not NEEDS[method]:  # magnitude: no data, no forwards
+    if not needs:  # data-free (magnitude): no calibration forwards
         timings = Timings()
         t0 = time.perf_counter()
         with progress_task(progress, f"prune ({method})", layout.num_blocks) as task, torch.inference_mode():
@@ -224,7 +204,7 @@ def prune_model(model: Any, layout: Any, alloc: dict, method: str, opts: Any, ca
         timings.decide = time.perf_counter() - t0
         return rows, timings
     timings = run_blocks(model, layout, calib.input_ids, device=device, batch_size=batch_size,
-                         needs=NEEDS[method], decide=decide, propagate="pruned", progress=progress,
+                         needs=needs, decide=decide, propagate="pruned", progress=progress,
                          description=f"prune ({method})")
     return rows, timings
 
@@ -234,7 +214,7 @@ def prune(cfg: PruneConfig, progress: Any = None) -> dict:
 
     Order: every check that needs no weights (options, config.json shapes and context, the profile or
     allocation against the model, the output location), then the calibration tokens, then the weights."""
-    from owlctl.core.methods import NEEDS
+    from owlctl.core.methods import get
     from owlctl.engine.loading import model_config
     from owlctl.ops.checks import check_pattern_fits, check_seqlen, context_length, model_inputs, prune_pattern
     from owlctl.ops.common import calib_defaults, output_claim, weights_bytes
@@ -244,7 +224,7 @@ def prune(cfg: PruneConfig, progress: Any = None) -> dict:
     output = Path(cfg.output) if cfg.output is not None else None
     config, local = model_config(cfg.model)
     check_pattern_fits(prune_pattern(cfg.pattern), config, cfg.model)
-    needs_data = bool(NEEDS[cfg.method])
+    needs_data = bool(get(cfg.method).needs)
     source, nsamples, seqlen = calib_defaults(cfg.model, cfg.calib, cfg.nsamples, cfg.seqlen,
                                               context_length(config))
     if needs_data:
