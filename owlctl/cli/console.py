@@ -156,7 +156,8 @@ _ENV_ERRNOS = {"ENOSPC": "free some space, or write to another disk with -o",
                "EDQUOT": "the disk quota is exhausted; free some space, or choose another -o",
                "EROFS": "the file system is read-only; choose a writable -o",
                "EACCES": "you may not write there; choose another -o, or fix the permissions",
-               "EPERM": "you may not write there; choose another -o, or fix the permissions"}
+               "EPERM": "you may not write there; choose another -o, or fix the permissions",
+               "ENOTDIR": "a part of the path is a file, not a directory; choose another -o"}
 
 
 def _error(message: str, hint: str | None) -> None:

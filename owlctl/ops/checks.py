@@ -76,7 +76,11 @@ def check_owl_knobs(outlier_m: float | None, lam: float | None, target: float | 
 
 def require(module: str, what: str, extra: str) -> None:
     """A clear error (before any work) when an optional dependency is missing."""
-    if importlib.util.find_spec(module) is None:
+    try:
+        missing = importlib.util.find_spec(module) is None
+    except (ImportError, ValueError):  # a broken install, or blocked in sys.modules
+        missing = True
+    if missing:
         raise InputError(f"{what} needs the Python package {module!r}, which is not installed",
                          hint=f"pip install 'owlctl[{extra}]'")
 
