@@ -162,6 +162,9 @@ def token_stream(source: str, split: str, tok: Any) -> Any:
     cache = cache_dir() / "tokens" / f"{key}.npy"
     if cache.is_file():
         return torch.from_numpy(np.load(cache)).long()
+    from owlctl.progress import note
+
+    note(f"tokenising {source} ({split} split, {len(text) / 1e6:.1f} M characters; cached for next time)")
     ids = tok(text, return_tensors="pt", add_special_tokens=True, verbose=False).input_ids[0]
     try:
         cache.parent.mkdir(parents=True, exist_ok=True)

@@ -117,7 +117,6 @@ def _run(cfg: PipelineConfig, plan: _Plan, progress: Any, say: Any, claim: Any) 
     tok = load_tokenizer(local_dir(cfg.model)[0])
     streams = token_streams(plan.data, cfg.eval_split, tok)  # bad data fails before the weights are read
     calib = calibration(plan.source, tok, plan.nsamples, plan.seqlen, cfg.seed)
-    say(f"loading {cfg.model}")
     base, tok, info = load_model(cfg.model, cfg.dtype)
     layout = resolve(base)
     seconds["load"] = round(time.perf_counter() - t_start, 2)
