@@ -131,3 +131,12 @@ def test_runs_under_accelerate_launch(pruned, text_file, tmp_path):
     doc = json.loads(proc.stdout)
     assert doc["training"]["processes"] == 1 and doc["training"]["steps"] == 2
     assert (out / "model.safetensors").is_file()
+
+
+def test_block_size_defaults_to_the_model_context(pruned, text_file, tmp_path):
+    """A 512-position model: the default block size is min(1024, 512), with a note, not an error."""
+    r = invoke("finetune", pruned, "-o", tmp_path / "ft", "--data", text_file, "--steps", "1", "--batch-size", "1",
+               "--effective-batch", "1", "--eval-windows", "0", "--device", "cpu", "--json")
+    assert r.exit_code == 0, r.stderr
+    assert json.loads(r.stdout)["training"]["block_size"] == 512
+    assert "--block-size defaults to 512" in r.stderr
