@@ -150,7 +150,7 @@ def finite(flag: str, value: float | None, lo: float | None = None, hi: float | 
         rng = f" in {lo_s}, {hi_s}" if lo is not None and hi is not None else (
             f" {'>' if lo_open else '>='} {lo:g}" if lo is not None else f" {'<' if hi_open else '<='} {hi:g}")
         raise InputError(f"{flag} must be a finite number{rng}, got {value}",
-                         hint=f"e.g. {flag} {lo if lo is not None and not lo_open else (lo or 0) + 1:g}")
+                         hint=f"see `owlctl COMMAND --help` for what {flag} means and its usual values")
 
 
 # ------------------------------------------------------------------------------------------ declarations

@@ -68,8 +68,14 @@ def check_pattern_fits(nm: tuple[int, int] | None, config: dict, spec: str) -> N
 
 
 def check_owl_knobs(outlier_m: float | None, lam: float | None, target: float | None = None) -> None:
-    finite("--outlier-m", outlier_m, lo=0.0, lo_open=True)
-    finite("--lambda", lam, lo=0.0)
+    from owlctl.errors import InputError
+
+    try:
+        finite("--outlier-m", outlier_m, lo=0.0, lo_open=True)
+        finite("--lambda", lam, lo=0.0)
+    except InputError as e:
+        raise InputError(e.message, hint="the paper's values: -m 5 -l 0.08 (unstructured), -m 6 -l 2 (mixed "
+                                         "N:M); -l 0 gives the uniform allocation") from None
     if target is not None:
         finite("--target-sparsity", target, lo=0.0, hi=1.0, hi_open=True)
 
