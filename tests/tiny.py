@@ -7,6 +7,22 @@ from pathlib import Path
 
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "opt", "gpt_neox")
 VOCAB = 260  # 256 bytes + 4 specials
+SLIDING = 8  # shorter than the calibration windows the propagation tests use (24 tokens)
+
+# Configs built to exercise what differs between blocks: several layer types (each with its own mask and, for
+# Gemma-3, its own rotary theta), sliding windows shorter than the calibration length, tied embeddings.
+# name -> (model_type, config overrides). Block 0 is of another type than some later block in each hybrid,
+# so replaying block 0's inputs for every block gives those blocks the wrong mask / rotary table.
+VARIANTS = {
+    "gemma3_text-hybrid": ("gemma3_text", dict(
+        num_hidden_layers=4, sliding_window=SLIDING, tie_word_embeddings=True,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention", "full_attention"])),
+    "gemma2-alternating": ("gemma2", dict(sliding_window=SLIDING, tie_word_embeddings=True)),
+    "qwen2-sliding": ("qwen2", dict(use_sliding_window=True, sliding_window=SLIDING, max_window_layers=1)),
+    "qwen3-sliding": ("qwen3", dict(use_sliding_window=True, sliding_window=SLIDING, max_window_layers=1)),
+    "mistral-sliding": ("mistral", dict(sliding_window=SLIDING)),
+    "llama-tied": ("llama", dict(tie_word_embeddings=True)),
+}
 
 TEXT = (
     "The quick brown fox jumps over the lazy dog. Pruning removes weights that matter least. "
@@ -31,10 +47,17 @@ def byte_tokenizer():
 
 
 def tiny_config(model_type: str, layers: int = 3):
+    """The tiny config of a registered model type, or of a VARIANTS name."""
     from transformers import AutoConfig
 
+    overrides: dict = {}
+    if model_type in VARIANTS:
+        model_type, overrides = VARIANTS[model_type]
+        overrides = dict(overrides)
+        layers = overrides.pop("num_hidden_layers", layers)
     common = dict(vocab_size=VOCAB, num_hidden_layers=layers, max_position_embeddings=512, bos_token_id=257,
                   eos_token_id=258, pad_token_id=259, tie_word_embeddings=False)
+    common.update({k: overrides.pop(k) for k in list(overrides) if k in common})
     if model_type == "opt":
         return AutoConfig.for_model("opt", hidden_size=64, ffn_dim=128, num_attention_heads=4,
                                     word_embed_proj_dim=64, **common)
@@ -46,6 +69,7 @@ def tiny_config(model_type: str, layers: int = 3):
         kw.update(sliding_window=64, query_pre_attn_scalar=16)
     if model_type == "phi3":
         kw.pop("head_dim")
+    kw.update(overrides)
     return AutoConfig.for_model(model_type, **kw, **common)
 
 
