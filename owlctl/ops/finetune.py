@@ -201,7 +201,7 @@ def finetune(cfg: FinetuneConfig, progress: Any = None) -> dict:
     from accelerate.utils import GradientAccumulationPlugin, set_seed
 
     from owlctl.engine import lora
-    from owlctl.engine.loading import BUILTIN_MODEL, resolve_device
+    from owlctl.engine.loading import is_builtin, resolve_device
     from owlctl.ops.common import peak_rss_mb
 
     if cfg.device == "cuda":
@@ -230,7 +230,7 @@ def finetune(cfg: FinetuneConfig, progress: Any = None) -> dict:
 
     # -- data
     t0 = time.perf_counter()
-    builtin = info.id == BUILTIN_MODEL
+    builtin = is_builtin(info.id)
     source = cfg.data or ("builtin:wiki" if builtin else "c4")
     n_eval = cfg.eval_windows if cfg.eval_windows is not None else (
         BUILTIN_EVAL_WINDOWS if builtin else DEFAULT_EVAL_WINDOWS)
