@@ -24,15 +24,33 @@ VARIANTS = {
     "llama-tied": ("llama", dict(tie_word_embeddings=True)),
 }
 
-TEXT = (
-    "The quick brown fox jumps over the lazy dog. Pruning removes weights that matter least. "
-    "Outliers are rare features with very large magnitude, and layers differ in how many they carry. "
-) * 60
+_SENTENCES = (
+    "The quick brown fox jumps over the lazy dog.",
+    "Pruning removes weights that matter least.",
+    "Outliers are rare features with very large magnitude, and layers differ in how many they carry.",
+    "A sparse model keeps most of its quality when the right weights stay.",
+    "Calibration text is read to measure activations and is never scored.",
+    "Held-out text measures how well the pruned model still predicts the next token.",
+)
 
 
-def byte_tokenizer():
+def _paragraph(k: int) -> str:
+    """Paragraph k of the test corpus: distinct from every other (its number), about 200 characters."""
+    picked = [_SENTENCES[(k + j) % len(_SENTENCES)] for j in range(3)]
+    return f"Note {k}: " + " ".join(picked)
+
+
+# 60 distinct paragraphs: every split of the local-file rule (index % 20) is non-empty and disjoint from the
+# others (test = paragraphs 0, 20, 40; validation = 1, 21, 41; calibration = the other 54).
+PARAGRAPHS = 60
+TEXT = "\n\n".join(_paragraph(k) for k in range(PARAGRAPHS)) + "\n"
+
+
+def byte_tokenizer(add_bos: bool = False):
+    """Byte-level tokenizer; ``add_bos``: it prepends <s> to every text by default, like Gemma's or LLaMA-2's."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from tokenizers.pre_tokenizers import ByteLevel
+    from tokenizers.processors import TemplateProcessing
     from transformers import PreTrainedTokenizerFast
 
     alphabet = ByteLevel.alphabet()
@@ -42,6 +60,8 @@ def byte_tokenizer():
     tk = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
     tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     tk.decoder = decoders.ByteLevel()
+    if add_bos:
+        tk.post_processor = TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 257)])
     return PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
                                    pad_token="<pad>")
 
@@ -73,7 +93,7 @@ def tiny_config(model_type: str, layers: int = 3):
     return AutoConfig.for_model(model_type, **kw, **common)
 
 
-def make_tiny_model(model_type: str, path: Path, seed: int = 0, layers: int = 3) -> Path:
+def make_tiny_model(model_type: str, path: Path, seed: int = 0, layers: int = 3, add_bos: bool = False) -> Path:
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -86,5 +106,5 @@ def make_tiny_model(model_type: str, path: Path, seed: int = 0, layers: int = 3)
     model.eval()
     path = Path(path)
     model.save_pretrained(path)
-    byte_tokenizer().save_pretrained(path)
+    byte_tokenizer(add_bos).save_pretrained(path)
     return path
