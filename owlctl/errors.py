@@ -33,3 +33,7 @@ class DataError(OwlctlError):
 
 class OutputExistsError(OwlctlError):
     """An output path exists and --force was not given."""
+
+
+class OwlctlWarning(UserWarning):
+    """Something the user should know that does not stop the run; the CLI prints it as `warning: ...`."""

@@ -7,15 +7,18 @@ from typing import Annotated, Optional
 import typer
 
 from owlctl.cli import console
-from owlctl.cli.options import Device, Dtype, Json, Quiet
+from owlctl.cli.options import Bos, Device, Dtype, Json, Quiet
 
 HELP = """Measure a model's perplexity, audit its sparsity, and optionally run zero-shot tasks.
 
-Perplexity follows the OWL/Wanda reference exactly: the split's text is tokenised once and cut into
+Perplexity follows the OWL/Wanda reference: the split's text is tokenised once and cut into
 floor(n / seqlen) non-overlapping windows (the remainder is dropped); each window's mean cross-entropy
 (float32) over its seqlen-1 next-token predictions is averaged over windows, and ppl = exp(that mean).
-The audit counts the exact zeros of every prunable Linear and checks them against the allocation the
-checkpoint records. Zero-shot tasks (--tasks / --zeroshot) run through the stock lm-eval harness
+--bos always gives every window its own BOS ([BOS] + seqlen-1 tokens); the default auto does so when the
+tokenizer adds a BOS to every sequence (Gemma), --bos never is the reference exactly. Text that overlaps
+the calibration text the checkpoint records is refused. The audit counts the exact zeros of every
+prunable Linear, apart from the zeros the weights had before pruning, and checks them against the
+allocation the checkpoint records. Zero-shot tasks (--tasks / --zeroshot) run through the stock lm-eval harness
 (pip install 'owlctl[eval]'); its accuracies are not comparable with the paper's length-normalised
 pipeline. Data defaults to builtin:wiki at seqlen 512 for the built-in model and checkpoints pruned from
 it, wikitext2 at 2048 otherwise; the test split is used unless --split validation.
@@ -40,7 +43,7 @@ def register(app: typer.Typer) -> None:
     @console.handle_errors
     def eval_cmd(
         model: Annotated[str, typer.Argument(
-            help="Checkpoint directory, HF hub id, local model directory, or builtin:smollm2-135m.")],
+            help="Checkpoint directory, HF hub id, local model directory, or a built-in model (builtin:smollm2-135m, builtin:gemma3-270m).")],
         data: Annotated[Optional[list[str]], typer.Option(
             "--data", help="builtin:wiki | wikitext2 | c4 | a local .txt/.jsonl file or folder; repeatable "
                            "(default: builtin:wiki for the built-in model, wikitext2 otherwise).")] = None,
@@ -69,6 +72,7 @@ def register(app: typer.Typer) -> None:
         compare: Annotated[Optional[str], typer.Option(
             "--compare", help="A second model evaluated on the identical token windows; reports other/this.")]
         = None,
+        bos: Bos = "auto",
         device: Device = "auto",
         dtype: Dtype = "auto",
         json_out: Json = False,
@@ -82,7 +86,7 @@ def register(app: typer.Typer) -> None:
             task_list = ("paper",)
         cfg = EvalConfig(model=model, data=_split_list(data), split=split, seqlen=seqlen, batch_size=batch_size,
                          max_windows=max_windows, ppl=not no_ppl, tasks=task_list, limit=limit, task_dir=task_dir,
-                         compare=compare, device=device, dtype=dtype)
+                         compare=compare, bos=bos, device=device, dtype=dtype)
         console.log(f"evaluating {model}" + (f" against {compare}" if compare else ""))
         # No bars (-q, or stderr is not a terminal): progress None also mutes lm-eval's own bars.
         doc = evaluate(cfg, progress=console.Progress() if not quiet and console.err.is_terminal else None)
@@ -109,13 +113,14 @@ def render(doc: dict) -> None:
     cmp = doc.get("compare")
     if doc["perplexity"]:
         t = Table(title=f"perplexity: {_name(doc['model'])}", title_justify="left")
-        for col in ("data", "split", "seqlen", "windows", "tokens", "ppl"):
-            t.add_column(col, justify="left" if col in ("data", "split") else "right")
+        for col in ("data", "split", "bos", "seqlen", "windows", "tokens", "ppl"):
+            t.add_column(col, justify="left" if col in ("data", "split", "bos") else "right")
         if cmp:
             t.add_column("ppl other", justify="right")
             t.add_column("other/this", justify="right")
         for source, r in doc["perplexity"].items():
-            row = [source, r["split"], str(r["seqlen"]), str(r["windows"]), str(r["tokens"]), _fmt(r["ppl"])]
+            row = [source, r["split"], r.get("bos", "never"), str(r["seqlen"]), str(r["windows"]), str(r["tokens"]),
+                   _fmt(r["ppl"])]
             if cmp:
                 row += [_fmt(cmp["perplexity"][source]["ppl"]), _fmt(cmp["ratio"][source], ".4f")]
             t.add_row(*row)
@@ -142,14 +147,18 @@ def _render_audit(a: dict, name: str) -> None:
                                       else f" {pat['n_keep']}:{pat['m']} (kept:group)")
     what = f"{a['allocator']} allocation{pattern}" if a["allocator"] else "no allocation recorded"
     t = Table(title=f"sparsity audit: {name} ({what}){status}", title_justify="left")
-    for col in ("block", "allocated", "realised", "diff", "check"):
+    for col in ("block", "allocated", "pruned", "pre-existing", "realised", "diff", "check"):
         t.add_column(col, justify="left" if col == "check" else "right")
     for b in a["blocks"]:
         diff = None if b["allocated"] is None else b["realised"] - b["allocated"]
         ok = "" if b["ok"] is None else ("ok" if b["ok"] else "[red]MISMATCH[/red]")
-        t.add_row(str(b["index"]), _fmt(b["allocated"], ".4f"), f"{b['realised']:.4f}", _fmt(diff, "+.4f"), ok)
+        t.add_row(str(b["index"]), _fmt(b["allocated"], ".4f"), _fmt(b.get("pruned_fraction"), ".4f"),
+                  _fmt(b.get("preexisting"), ".4f"), f"{b['realised']:.4f}", _fmt(diff, "+.4f"), ok)
     out.print(t)
-    line = f"realised {a['realised_sparsity']:.4f} of {a['numel']} prunable weights"
+    line = f"realised {a['realised_sparsity']:.4f} of {a['numel']} prunable weights (all exact zeros)"
+    if a.get("preexisting_sparsity") is not None:
+        line += (f"; zero before pruning {a['preexisting_sparsity']:.4f}, "
+                 f"pruned by the masks {_fmt(a.get('pruned_sparsity'), '.4f')}")
     if a["allocated_sparsity"] is not None:
         line += f"; allocated {a['allocated_sparsity']:.4f}"
     out.print(line, highlight=False)

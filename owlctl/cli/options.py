@@ -14,8 +14,12 @@ Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or 
 Device = Annotated[str, typer.Option("--device", help="cpu | cuda | cuda:N | auto (cuda when available).")]
 Dtype = Annotated[str, typer.Option("--dtype", help="auto (the checkpoint's) | float32 | float16 | bfloat16.")]
 Seed = Annotated[int, typer.Option("--seed", help="Seed for calibration sampling.")]
+Bos = Annotated[str, typer.Option(
+    "--bos", help="BOS per window: auto (when the tokenizer adds one, e.g. Gemma) | always | never (the "
+                  "reference: one stream, only its start has BOS).")]
 Calib = Annotated[str, typer.Option(
-    "--calib", help="Calibration data: builtin:wiki | c4 | wikitext2 | a local .txt/.jsonl file or folder.")]
+    "--calib", help="Calibration data: builtin:wiki | c4 | wikitext2 | a local .txt/.jsonl file or folder "
+                    "(its calibration split; see docs/formats.md).")]
 NSamples = Annotated[Optional[int], typer.Option("--nsamples", help="Calibration sequences (default: 128, builtin: 32).")]
 SeqLen = Annotated[Optional[int], typer.Option("--seqlen", help="Tokens per calibration sequence (default: 2048, builtin: 512).")]
 BatchSize = Annotated[int, typer.Option("--batch-size", help="Sequences per forward pass.")]

@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 import typer
 
 from owlctl.cli import console
-from owlctl.cli.options import BatchSize, Calib, Device, Dtype, Force, Json, NSamples, Quiet, SeqLen, Seed
+from owlctl.cli.options import BatchSize, Bos, Calib, Device, Dtype, Force, Json, NSamples, Quiet, SeqLen, Seed
 
 HELP = """Run the whole OWL comparison on one model: dense vs uniform vs OWL perplexity.
 
@@ -31,7 +31,7 @@ def register(app: typer.Typer) -> None:
     @app.command("pipeline", help=HELP)
     @console.handle_errors
     def pipeline_cmd(
-        model: Annotated[str, typer.Argument(help="HF hub id, local model directory, or builtin:smollm2-135m.")]
+        model: Annotated[str, typer.Argument(help="HF hub id, local model directory, or a built-in model (builtin:smollm2-135m, builtin:gemma3-270m).")]
         = "builtin:smollm2-135m",
         method: Annotated[str, typer.Option("--method", help="magnitude | wanda | sparsegpt")] = "wanda",
         target_sparsity: Annotated[float, typer.Option("--target-sparsity", "-s", help="Fraction pruned.")] = 0.7,
@@ -51,6 +51,7 @@ def register(app: typer.Typer) -> None:
         nsamples: NSamples = None,
         seqlen: SeqLen = None,
         seed: Seed = 0,
+        bos: Bos = "auto",
         batch_size: BatchSize = 8,
         device: Device = "auto",
         dtype: Dtype = "auto",
@@ -62,7 +63,7 @@ def register(app: typer.Typer) -> None:
         from owlctl.ops.pipeline import PipelineConfig, pipeline
 
         cfg = PipelineConfig(model=model, method=method, target_sparsity=target_sparsity, outlier_m=outlier_m,
-                             lam=lam, calib=calib, nsamples=nsamples, seqlen=seqlen, seed=seed,
+                             lam=lam, calib=calib, nsamples=nsamples, seqlen=seqlen, seed=seed, bos=bos,
                              batch_size=batch_size, eval_data=eval_data, eval_split=eval_split,
                              eval_seqlen=eval_seqlen, max_windows=max_windows, output=output,
                              save_checkpoints=save_checkpoints, device=device, dtype=dtype, force=force)

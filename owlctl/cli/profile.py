@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 import typer
 
 from owlctl.cli import console
-from owlctl.cli.options import BatchSize, Calib, Device, Dtype, Force, Json, NSamples, Quiet, SeqLen, Seed
+from owlctl.cli.options import BatchSize, Bos, Calib, Device, Dtype, Force, Json, NSamples, Quiet, SeqLen, Seed
 
 HELP = """Measure each decoder block's outlier ratio on calibration data (one dense pass).
 
@@ -36,7 +36,7 @@ def register(app: typer.Typer) -> None:
     @app.command("profile", help=HELP)
     @console.handle_errors
     def profile_cmd(
-        model: Annotated[str, typer.Argument(help="HF hub id, local model directory, or builtin:smollm2-135m.")],
+        model: Annotated[str, typer.Argument(help="HF hub id, local model directory, or a built-in model (builtin:smollm2-135m, builtin:gemma3-270m).")],
         output: Annotated[Optional[str], typer.Option("--output", "-o", help="Profile JSON to write.")] = None,
         outlier_m: Annotated[str, typer.Option("--outlier-m", "-m", help="Comma-separated M values to count.")]
         = "3,4,5,6,7,8,9,10",
@@ -44,6 +44,7 @@ def register(app: typer.Typer) -> None:
         nsamples: NSamples = None,
         seqlen: SeqLen = None,
         seed: Seed = 0,
+        bos: Bos = "auto",
         batch_size: BatchSize = 8,
         device: Device = "auto",
         dtype: Dtype = "auto",
@@ -59,8 +60,8 @@ def register(app: typer.Typer) -> None:
         if output is None:
             console.warn("no -o given: the profile is only printed, not saved")
         cfg = ProfileConfig(model=model, output=Path(output) if output else None, outlier_m=_parse_ms(outlier_m),
-                            calib=calib, nsamples=nsamples, seqlen=seqlen, seed=seed, batch_size=batch_size,
-                            device=device, dtype=dtype, force=force)
+                            calib=calib, nsamples=nsamples, seqlen=seqlen, seed=seed, bos=bos,
+                            batch_size=batch_size, device=device, dtype=dtype, force=force)
         res = profile(cfg, progress=console.Progress())
         if json_out:
             console.print_json(res)

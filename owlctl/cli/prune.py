@@ -8,7 +8,7 @@ from typing import Annotated, Any, Optional
 import typer
 
 from owlctl.cli import console
-from owlctl.cli.options import (BatchSize, Calib, Device, Dtype, Force, Json, Lambda, NSamples, OutlierM, Quiet,
+from owlctl.cli.options import (BatchSize, Bos, Calib, Device, Dtype, Force, Json, Lambda, NSamples, OutlierM, Quiet,
                                 SeqLen, Seed, TargetSparsity)
 
 PRUNE_HELP = """Prune a model's decoder blocks and save a checkpoint plain transformers loads.
@@ -83,7 +83,7 @@ def register(app: typer.Typer) -> None:
     @app.command("prune", help=PRUNE_HELP)
     @console.handle_errors
     def prune_cmd(
-        model: Annotated[str, typer.Argument(help="HF hub id, local model directory, or builtin:smollm2-135m.")],
+        model: Annotated[str, typer.Argument(help="HF hub id, local model directory, or a built-in model (builtin:smollm2-135m, builtin:gemma3-270m).")],
         output: Annotated[Path, typer.Option("--output", "-o", help="Checkpoint directory to write.")],
         method: Annotated[str, typer.Option("--method", help="magnitude | wanda | sparsegpt")] = "wanda",
         uniform: Annotated[bool, typer.Option("--uniform", help="Same sparsity S for every block.")] = False,
@@ -103,6 +103,7 @@ def register(app: typer.Typer) -> None:
         nsamples: NSamples = None,
         seqlen: SeqLen = None,
         seed: Seed = 0,
+        bos: Bos = "auto",
         batch_size: BatchSize = 8,
         device: Device = "auto",
         dtype: Dtype = "auto",
@@ -113,13 +114,13 @@ def register(app: typer.Typer) -> None:
         _run("prune", model=model, output=output, method=method, uniform=uniform, from_profile=from_profile,
              allocation=allocation, target_sparsity=target_sparsity, outlier_m=outlier_m, lam=lam, balance=balance,
              clamp=clamp, wanda_group=wanda_group, wanda_variant=wanda_variant, blocksize=blocksize,
-             percdamp=percdamp, calib=calib, nsamples=nsamples, seqlen=seqlen, seed=seed, batch_size=batch_size,
-             device=device, dtype=dtype, force=force, json_out=json_out, quiet=quiet)
+             percdamp=percdamp, calib=calib, nsamples=nsamples, seqlen=seqlen, seed=seed, bos=bos,
+             batch_size=batch_size, device=device, dtype=dtype, force=force, json_out=json_out, quiet=quiet)
 
     @app.command("nm", help=NM_HELP)
     @console.handle_errors
     def nm_cmd(
-        model: Annotated[str, typer.Argument(help="HF hub id, local model directory, or builtin:smollm2-135m.")],
+        model: Annotated[str, typer.Argument(help="HF hub id, local model directory, or a built-in model (builtin:smollm2-135m, builtin:gemma3-270m).")],
         output: Annotated[Path, typer.Option("--output", "-o", help="Checkpoint directory to write.")],
         pattern: Annotated[Optional[str], typer.Option(
             "--pattern", help="N:M, N weights KEPT per M (2:4 = 50%; the reference's '5:8' is 3:8).")] = None,
@@ -136,6 +137,7 @@ def register(app: typer.Typer) -> None:
         nsamples: NSamples = None,
         seqlen: SeqLen = None,
         seed: Seed = 0,
+        bos: Bos = "auto",
         batch_size: BatchSize = 8,
         device: Device = "auto",
         dtype: Dtype = "auto",
@@ -146,5 +148,5 @@ def register(app: typer.Typer) -> None:
         uniform = from_profile is None and allocation is None
         _run("nm", model=model, output=output, method=method, uniform=uniform, from_profile=from_profile,
              allocation=allocation, pattern=pattern, outlier_m=outlier_m, lam=lam, special=special, calib=calib,
-             nsamples=nsamples, seqlen=seqlen, seed=seed, batch_size=batch_size, device=device, dtype=dtype,
+             nsamples=nsamples, seqlen=seqlen, seed=seed, bos=bos, batch_size=batch_size, device=device, dtype=dtype,
              force=force, json_out=json_out, quiet=quiet)

@@ -28,6 +28,7 @@ class PipelineConfig:
     nsamples: int | None = None
     seqlen: int | None = None
     seed: int = 0
+    bos: str = "auto"  # calibration and evaluation windows (engine/data.py); never = the reference protocol
     batch_size: int = 8
     eval_data: str | None = None
     eval_split: str = "test"
@@ -61,12 +62,12 @@ def pipeline(cfg: PipelineConfig, progress: Any = None, log: Any = None) -> dict
 
     from owlctl.core.methods import MethodOptions
     from owlctl.engine.data import calibration
-    from owlctl.engine.loading import BUILTIN_MODEL, load_model, resolve_device
+    from owlctl.engine.loading import is_builtin, load_model, resolve_device
     from owlctl.families import resolve
     from owlctl.formats._io import header
     from owlctl.ops.allocate import allocation_from_profile, uniform_allocation
-    from owlctl.ops.common import calib_defaults, now, peak_rss_mb
-    from owlctl.ops.evaluate import eval_defaults, evaluate_loaded, token_streams
+    from owlctl.ops.common import calib_defaults, now, peak_rss_mb, resolve_bos
+    from owlctl.ops.evaluate import check_calibration_overlap, eval_defaults, evaluate_loaded, token_streams
     from owlctl.ops.profile import profile_model
     from owlctl.ops.prune import prune_model
 
@@ -76,15 +77,17 @@ def pipeline(cfg: PipelineConfig, progress: Any = None, log: Any = None) -> dict
     say(f"loading {cfg.model}")
     base, tok, info = load_model(cfg.model, cfg.dtype)
     layout = resolve(base)
-    builtin = info.id == BUILTIN_MODEL
+    builtin = is_builtin(info.id)
     # On the built-in model the defaults are sized for a 2-core CPU (the whole job in a few minutes).
     nsamples_default = cfg.nsamples or (BUILTIN_PIPELINE["nsamples"] if builtin else None)
     seqlen_default = cfg.seqlen or (BUILTIN_PIPELINE["seqlen"] if builtin else None)
     max_windows = cfg.max_windows or (BUILTIN_PIPELINE["max_windows"] if builtin else None)
     source, nsamples, seqlen = calib_defaults(cfg.model, cfg.calib, nsamples_default, seqlen_default)
     data, eval_seqlen = eval_defaults(info.id, [cfg.eval_data] if cfg.eval_data else None, cfg.eval_seqlen)
-    streams = token_streams(data, cfg.eval_split, tok)  # fail on bad eval data before any heavy work
-    calib = calibration(source, tok, nsamples, seqlen, cfg.seed)
+    bos = resolve_bos(tok, cfg.bos)
+    streams = token_streams(data, cfg.eval_split, tok, bos)  # fail on bad eval data before any heavy work
+    calib = calibration(source, tok, nsamples, seqlen, cfg.seed, bos=bos, bos_requested=cfg.bos)
+    overlap = check_calibration_overlap([calib.as_dict()], data, cfg.eval_split)
     seconds["load"] = round(time.perf_counter() - t_start, 2)
 
     t0 = time.perf_counter()
@@ -106,7 +109,7 @@ def pipeline(cfg: PipelineConfig, progress: Any = None, log: Any = None) -> dict
         say(f"evaluating {label} on {', '.join(data)} ({cfg.eval_split} split, seqlen {eval_seqlen})")
         res = evaluate_loaded(model, tok, data=data, split=cfg.eval_split, seqlen=eval_seqlen,
                               batch_size=cfg.batch_size, max_windows=max_windows, device=device,
-                              streams=streams, progress=progress)
+                              streams=streams, progress=progress, bos=bos)
         seconds[f"eval_{label}"] = round(time.perf_counter() - t, 2)
         return res["perplexity"]
 
@@ -130,6 +133,7 @@ def pipeline(cfg: PipelineConfig, progress: Any = None, log: Any = None) -> dict
         rows.append({"variant": f"{cfg.method} {label}", "perplexity": {k: v["ppl"] for k, v in ppl.items()},
                      "windows": {k: v["windows"] for k, v in ppl.items()},
                      "realised_sparsity": sum(b["zeros"] for b in blocks) / total,
+                     "preexisting_sparsity": sum(b["preexisting_zeros"] for b in blocks) / total,
                      "block_sparsity_min": min(b["sparsity"] for b in blocks),
                      "block_sparsity_max": max(b["sparsity"] for b in blocks),
                      "prune_seconds": seconds[f"prune_{label}"]})
@@ -137,8 +141,9 @@ def pipeline(cfg: PipelineConfig, progress: Any = None, log: Any = None) -> dict
             from owlctl.formats.checkpoint import report_doc, save_checkpoint
 
             out = Path(cfg.output) / f"{cfg.method}-{label}"
-            save_checkpoint(model, tok, out, force=True, allocation=alloc,
-                            report=report_doc(model_dict, cfg.method, alloc["pattern"], blocks, {}),
+            report = report_doc(model_dict, cfg.method, alloc["pattern"], blocks, {})
+            report["calibration"] = calib.as_dict()  # so `owlctl eval` can refuse overlapping text
+            save_checkpoint(model, tok, out, force=True, allocation=alloc, report=report,
                             source={"id": info.id, "content_sha256": info.content_sha256, "method": cfg.method})
             checkpoints[label] = str(out)
         del model
@@ -148,7 +153,8 @@ def pipeline(cfg: PipelineConfig, progress: Any = None, log: Any = None) -> dict
            "target_sparsity": cfg.target_sparsity, "outlier_m": cfg.outlier_m, "lambda": cfg.lam,
            "calibration": calib.as_dict(),
            "evaluation": {"data": list(data), "split": cfg.eval_split, "seqlen": eval_seqlen,
-                          "max_windows": max_windows},
+                          "max_windows": max_windows, "bos": bos, "bos_requested": cfg.bos,
+                          "calibration_overlap": overlap},
            "results": rows, "owl_block_sparsity": [b["sparsity"] for b in allocs["owl"]["blocks"]],
            "outlier_pct": [b["outlier_pct"] for b in allocs["owl"]["blocks"]],
            "checkpoints": checkpoints, "seconds": seconds, "peak_rss_mb": round(peak_rss_mb(), 1),

@@ -21,6 +21,7 @@ class ProfileConfig:
     nsamples: int | None = None
     seqlen: int | None = None
     seed: int = 0
+    bos: str = "auto"  # auto | always | never (engine/data.py); never = the reference protocol
     batch_size: int = 8
     device: str = "auto"
     dtype: str = "auto"
@@ -84,13 +85,13 @@ def profile(cfg: ProfileConfig, progress: Any = None) -> dict:
         check_output(cfg.output, cfg.force)
     from owlctl.engine.data import calibration
     from owlctl.engine.loading import load_model, resolve_device
-    from owlctl.ops.common import calib_defaults, peak_rss_mb
+    from owlctl.ops.common import calib_defaults, peak_rss_mb, resolve_bos
 
     device = resolve_device(cfg.device)
     t0 = time.perf_counter()
     model, tok, info = load_model(cfg.model, cfg.dtype)
     source, nsamples, seqlen = calib_defaults(cfg.model, cfg.calib, cfg.nsamples, cfg.seqlen)
-    calib = calibration(source, tok, nsamples, seqlen, cfg.seed)
+    calib = calibration(source, tok, nsamples, seqlen, cfg.seed, bos=resolve_bos(tok, cfg.bos), bos_requested=cfg.bos)
     t_load = time.perf_counter() - t0
     doc, timings = profile_model(model, tok, info, calib, outlier_m=tuple(sorted(set(cfg.outlier_m))),
                                  device=device, batch_size=cfg.batch_size, progress=progress)

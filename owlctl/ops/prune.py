@@ -33,6 +33,7 @@ class PruneConfig:
     nsamples: int | None = None
     seqlen: int | None = None
     seed: int = 0
+    bos: str = "auto"  # auto | always | never (engine/data.py); never = the reference protocol
     batch_size: int = 8
     device: str = "auto"
     dtype: str = "auto"
@@ -158,6 +159,7 @@ def prune_model(model: Any, layout: Any, alloc: dict, method: str, opts: Any, ca
         mats = []
         for name, lin in linears.items():
             w = lin.weight
+            before = w == 0  # zeros the weights already had (e.g. dequantised GGUF weights)
             kw: dict = {}
             if "act_norm" in NEEDS[method]:
                 kw["act_sq_norm"] = stats[name].act_sq_norm()
@@ -168,18 +170,24 @@ def prune_model(model: Any, layout: Any, alloc: dict, method: str, opts: Any, ca
             else:
                 new_w, mask = prune_weight(method, w.detach(), sparsity=sparsity, options=opts, **kw)
             w.data.copy_(new_w)
-            mats.append((name, tuple(w.shape), mask.sum(), (w == 0).sum()))
-        counts = torch.stack([torch.stack([m[2], m[3]]) for m in mats]).tolist()
+            mask = mask.bool()
+            mats.append((name, tuple(w.shape), torch.stack([mask.sum(), (w == 0).sum(), before.sum(),
+                                                            (mask & ~before).sum()])))
+        counts = torch.stack([m[2] for m in mats]).tolist()  # one device sync per block
         linear_rows = []
-        for (name, shape, _m, _z), (masked, zeros) in zip(mats, counts):
+        for (name, shape, _c), (masked, zeros, pre, newly) in zip(mats, counts):
             numel = shape[0] * shape[1]
             linear_rows.append({"name": name, "shape": list(shape), "numel": numel, "pruned": int(masked),
-                                "zeros": int(zeros), "sparsity": zeros / numel,
+                                "zeros": int(zeros), "sparsity": zeros / numel, "preexisting_zeros": int(pre),
+                                "newly_zeroed": int(newly),
                                 "expected_pruned": expected_pruned(method, shape, sparsity, nm, opts)})
         numel = sum(r["numel"] for r in linear_rows)
         zeros = sum(r["zeros"] for r in linear_rows)
         rows.append({"index": i, "name": layout.block_name(i), "numel": numel, "zeros": zeros,
                      "sparsity": zeros / numel,
+                     "pruned": sum(r["pruned"] for r in linear_rows),
+                     "preexisting_zeros": sum(r["preexisting_zeros"] for r in linear_rows),
+                     "newly_zeroed": sum(r["newly_zeroed"] for r in linear_rows),
                      "target_sparsity": sparsity if nm is None else 1 - nm[0] / nm[1],
                      "n_keep": None if nm is None else nm[0], "linears": linear_rows})
 
@@ -216,7 +224,7 @@ def prune(cfg: PruneConfig, progress: Any = None) -> dict:
     from owlctl.engine.loading import load_model, resolve_device
     from owlctl.families import resolve
     from owlctl.formats.checkpoint import report_doc, save_checkpoint
-    from owlctl.ops.common import calib_defaults, model_bytes, peak_rss_mb
+    from owlctl.ops.common import calib_defaults, model_bytes, peak_rss_mb, resolve_bos, warn
 
     device = resolve_device(cfg.device)
     opts = MethodOptions(wanda_group=cfg.wanda_group, wanda_variant=cfg.wanda_variant, blocksize=cfg.blocksize,
@@ -230,7 +238,11 @@ def prune(cfg: PruneConfig, progress: Any = None) -> dict:
     t0 = time.perf_counter()
     if NEEDS[cfg.method]:
         source, nsamples, seqlen = calib_defaults(cfg.model, cfg.calib, cfg.nsamples, cfg.seqlen)
-        calib = calibration(source, tok, nsamples, seqlen, cfg.seed)
+        bos = resolve_bos(tok, cfg.bos)
+        prof_bos = ((alloc.get("profile") or {}).get("calibration") or {}).get("bos")
+        if prof_bos is not None and prof_bos != bos:
+            warn(f"the profile was calibrated with --bos {prof_bos}, this pruning run calibrates with --bos {bos}")
+        calib = calibration(source, tok, nsamples, seqlen, cfg.seed, bos=bos, bos_requested=cfg.bos)
     t_calib = time.perf_counter() - t0
     rows, timings = prune_model(model, layout, alloc, cfg.method, opts, calib, device=device,
                                 batch_size=cfg.batch_size, progress=progress)
@@ -250,7 +262,8 @@ def prune(cfg: PruneConfig, progress: Any = None) -> dict:
             "allocation": alloc["params"]["allocator"], "pattern": alloc["pattern"],
             "target_sparsity": alloc["achieved"].get("target_sparsity"),
             "allocated_sparsity": alloc["achieved"]["param_weighted_sparsity"],
-            "realised_sparsity": report["realised_sparsity"], "mask_mismatches": len(mismatched),
+            "realised_sparsity": report["realised_sparsity"], "pruned_sparsity": report["pruned_sparsity"],
+            "preexisting_sparsity": report["preexisting_sparsity"], "mask_mismatches": len(mismatched),
             "blocks": [{"index": b["index"], "target": b["target_sparsity"], "realised": b["sparsity"]} for b in rows],
             "seconds": seconds, "peak_rss_mb": round(peak_rss_mb(), 1),
             "model_mb": round(model_bytes(model) / 2**20, 1), "model": model_dict,
