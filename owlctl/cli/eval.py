@@ -43,7 +43,8 @@ def register(app: typer.Typer) -> None:
     @console.handle_errors
     def eval_cmd(
         model: Annotated[str, typer.Argument(
-            help="Checkpoint directory, HF hub id, local model directory, or a built-in model (builtin:smollm2-135m, builtin:gemma3-270m).")],
+            help="Checkpoint directory, HF hub id, local model directory, or a built-in model "
+                 "(builtin:smollm2-135m, builtin:gemma3-270m).")],
         data: Annotated[Optional[list[str]], typer.Option(
             "--data", help="builtin:wiki | wikitext2 | c4 | a local .txt/.jsonl file or folder; repeatable "
                            "(default: builtin:wiki for the built-in model, wikitext2 otherwise).")] = None,

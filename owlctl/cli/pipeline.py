@@ -31,7 +31,8 @@ def register(app: typer.Typer) -> None:
     @app.command("pipeline", help=HELP)
     @console.handle_errors
     def pipeline_cmd(
-        model: Annotated[str, typer.Argument(help="HF hub id, local model directory, or a built-in model (builtin:smollm2-135m, builtin:gemma3-270m).")]
+        model: Annotated[str, typer.Argument(help="HF hub id, local model directory, or a built-in model "
+                                                  "(builtin:smollm2-135m, builtin:gemma3-270m).")]
         = "builtin:smollm2-135m",
         method: Annotated[str, typer.Option("--method", help="magnitude | wanda | sparsegpt")] = "wanda",
         target_sparsity: Annotated[float, typer.Option("--target-sparsity", "-s", help="Fraction pruned.")] = 0.7,
@@ -96,5 +97,6 @@ def render(doc: dict) -> None:
         console.out.print(f"OWL vs uniform on {d}: {o:.2f} vs {u:.2f} ({(o - u) / u:+.1%})", highlight=False)
     c = doc["calibration"]
     console.out.print(f"calibration {c['source']} {c['nsamples']} x {c['seqlen']}; windows "
-                      f"{res['owl']['windows']}; total {doc['seconds']['total']:.0f} s", highlight=False)
+                      f"{res['owl']['windows']}; bos {ev.get('bos', 'never')}; total {doc['seconds']['total']:.0f} s",
+                      highlight=False)
     console.out.print(doc["full_size_hint"], highlight=False)

@@ -36,7 +36,8 @@ def register(app: typer.Typer) -> None:
     @app.command("profile", help=HELP)
     @console.handle_errors
     def profile_cmd(
-        model: Annotated[str, typer.Argument(help="HF hub id, local model directory, or a built-in model (builtin:smollm2-135m, builtin:gemma3-270m).")],
+        model: Annotated[str, typer.Argument(help="HF hub id, local model directory, or a built-in model "
+                                                  "(builtin:smollm2-135m, builtin:gemma3-270m).")],
         output: Annotated[Optional[str], typer.Option("--output", "-o", help="Profile JSON to write.")] = None,
         outlier_m: Annotated[str, typer.Option("--outlier-m", "-m", help="Comma-separated M values to count.")]
         = "3,4,5,6,7,8,9,10",
@@ -83,5 +84,6 @@ def _render(res: dict) -> None:
         t.add_row(str(b["index"]), *[f"{b['outlier_pct'][k]:.3f}" for k in show])
     console.out.print(t)
     c = doc["calibration"]
-    console.out.print(f"calibration: {c['source']}, {c['nsamples']} x {c['seqlen']} tokens, seed {c['seed']}; "
+    console.out.print(f"calibration: {c['source']}, {c['nsamples']} x {c['seqlen']} tokens, seed {c['seed']}, "
+                      f"bos {c.get('bos', 'never')}; "
                       f"{res['seconds']['total']:.1f} s; saved to {res['output'] or '(not saved)'}", highlight=False)

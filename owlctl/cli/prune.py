@@ -66,7 +66,9 @@ def render_summary(res: dict) -> None:
         ("model", res["model"]["id"]),
         ("target sparsity", "-" if res["target_sparsity"] is None else f"{res['target_sparsity']:.4f}"),
         ("allocated (param-weighted)", f"{res['allocated_sparsity']:.4f}"),
-        ("realised", f"{res['realised_sparsity']:.4f}"),
+        ("realised (all exact zeros)", f"{res['realised_sparsity']:.4f}"),
+        ("pruned by the masks", f"{res['pruned_sparsity']:.4f}"),
+        ("zero before pruning", f"{res['preexisting_sparsity']:.4f}"),
         ("block sparsity range", f"{min(b['realised'] for b in res['blocks']):.3f} .. "
                                  f"{max(b['realised'] for b in res['blocks']):.3f}"),
         ("masks differing from allocation", str(res["mask_mismatches"])),
@@ -83,7 +85,8 @@ def register(app: typer.Typer) -> None:
     @app.command("prune", help=PRUNE_HELP)
     @console.handle_errors
     def prune_cmd(
-        model: Annotated[str, typer.Argument(help="HF hub id, local model directory, or a built-in model (builtin:smollm2-135m, builtin:gemma3-270m).")],
+        model: Annotated[str, typer.Argument(help="HF hub id, local model directory, or a built-in model "
+                                                  "(builtin:smollm2-135m, builtin:gemma3-270m).")],
         output: Annotated[Path, typer.Option("--output", "-o", help="Checkpoint directory to write.")],
         method: Annotated[str, typer.Option("--method", help="magnitude | wanda | sparsegpt")] = "wanda",
         uniform: Annotated[bool, typer.Option("--uniform", help="Same sparsity S for every block.")] = False,
@@ -120,7 +123,8 @@ def register(app: typer.Typer) -> None:
     @app.command("nm", help=NM_HELP)
     @console.handle_errors
     def nm_cmd(
-        model: Annotated[str, typer.Argument(help="HF hub id, local model directory, or a built-in model (builtin:smollm2-135m, builtin:gemma3-270m).")],
+        model: Annotated[str, typer.Argument(help="HF hub id, local model directory, or a built-in model "
+                                                  "(builtin:smollm2-135m, builtin:gemma3-270m).")],
         output: Annotated[Path, typer.Option("--output", "-o", help="Checkpoint directory to write.")],
         pattern: Annotated[Optional[str], typer.Option(
             "--pattern", help="N:M, N weights KEPT per M (2:4 = 50%; the reference's '5:8' is 3:8).")] = None,

@@ -21,6 +21,7 @@ by default (Gemma, LLaMA-2's sentencepiece), ``never`` otherwise (e.g. SmolLM2, 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.metadata as md
 import json
@@ -81,12 +82,24 @@ def _wiki_file() -> Path:
     return path
 
 
+@functools.lru_cache(maxsize=2)
+def _wiki_data(path: str, mtime_ns: int) -> tuple[dict, str]:
+    """The parsed corpus and its sha256 (read once per process; keyed by the file's mtime)."""
+    raw = Path(path).read_bytes()
+    return json.loads(raw.decode("utf-8")), hashlib.sha256(raw).hexdigest()
+
+
+def _wiki() -> tuple[dict, str]:
+    path = _wiki_file()
+    return _wiki_data(str(path), path.stat().st_mtime_ns)
+
+
 def wiki_articles(split: str) -> list[str]:
     """Lead sections of the built-in corpus for one split. Articles are sorted by title; every 20th
     (index % 20 == 0) is test, index % 20 == 1 is validation, the rest calibration: disjoint by construction."""
     if split not in SPLITS:
         raise InputError(f"unknown split {split!r}", hint=f"use one of {', '.join(SPLITS)}")
-    data = json.loads(_wiki_file().read_text(encoding="utf-8"))
+    data = _wiki()[0]
     want = {"test": 0, "validation": 1}.get(split)
     out = []
     for i, title in enumerate(sorted(data)):
@@ -231,11 +244,9 @@ def split_info(source: str) -> dict:
     """How a source is split: {"rule", "unit" (what a document is), "documents" (all splits),
     "calib_documents", "source_sha256" (local files and builtin:wiki; null for hub datasets)}."""
     if source == BUILTIN_WIKI:
-        path = _wiki_file()
-        n = len(json.loads(path.read_text(encoding="utf-8")))
-        return {"rule": SPLIT_RULE + " (articles sorted by title)", "unit": "article", "documents": n,
-                "calib_documents": len(wiki_articles("calib")),
-                "source_sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
+        data, sha = _wiki()
+        return {"rule": SPLIT_RULE + " (articles sorted by title)", "unit": "article", "documents": len(data),
+                "calib_documents": len(wiki_articles("calib")), "source_sha256": sha}
     if source in ("c4", "wikitext2"):
         return {"rule": "the dataset's own splits (calibration: train; evaluation: validation / test)",
                 "unit": "record", "documents": None, "calib_documents": None, "source_sha256": None}
