@@ -1,11 +1,15 @@
-"""Quality table on the built-in model and corpus (docs/results.md): dense; magnitude / wanda / sparsegpt x
-uniform / OWL at 50, 60, 70%; 2:4; mixed N:M; an M x lambda sweep on the validation split with the best pair
-then evaluated on the test split; the OWL figure.
+"""Quality tables on the built-in models and corpus (docs/results.md). The full grid (SmolLM2): dense;
+magnitude / wanda / sparsegpt x uniform / OWL at 50, 60, 70%; 2:4; mixed N:M; an M x lambda sweep on the
+validation split with the best pair then evaluated on the test split; the OWL figure. The 70% grid (Gemma-3):
+dense; wanda / sparsegpt x uniform / OWL (M 5, lambda 0.08) at 70%; the OWL figure.
 
 Everything runs in one process: the model is loaded and the calibration set tokenised once, one dense
 profile serves every OWL allocation, each pruned variant starts from a fresh copy of the dense weights.
+Calibration and evaluation windows follow --bos (auto: a BOS per window when the tokenizer adds one, i.e.
+for Gemma-3 and not for SmolLM2); the setting used is recorded.
 
-  python benchmarks/quality.py                       # the table in docs/results.md (about an hour on 2 cores)
+  python benchmarks/quality.py                       # the SmolLM2 table in docs/results.md (about an hour)
+  python benchmarks/quality.py --model builtin:gemma3-270m --grid 70      # the Gemma-3 table (~15 min)
   python benchmarks/quality.py --quick               # smaller grid, for a look
 """
 
@@ -28,6 +32,9 @@ def main() -> None:
     ap.add_argument("--max-windows", type=int, default=16, help="test windows per evaluation")
     ap.add_argument("--sweep-windows", type=int, default=8, help="validation windows per sweep point")
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--model", default="builtin:smollm2-135m")
+    ap.add_argument("--grid", default="full", choices=["full", "70"], help="70: dense, wanda/sparsegpt x uniform/OWL")
+    ap.add_argument("--bos", default="auto", choices=["auto", "always", "never"])
     ap.add_argument("--resume", action="store_true", help="reuse the rows already in OUT/results.json")
     ap.add_argument("--out", default=str(ROOT / "docs"))
     args = ap.parse_args()
@@ -35,7 +42,7 @@ def main() -> None:
     import torch
 
     from owlctl.core.methods import MethodOptions
-    from owlctl.engine.data import calibration
+    from owlctl.engine.data import calibration, resolve_bos
     from owlctl.engine.loading import load_model
     from owlctl.families import resolve
     from owlctl.ops.allocate import allocation_from_profile, uniform_allocation
@@ -46,15 +53,18 @@ def main() -> None:
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    # The SmolLM2 files keep their names (results.json, ...); other models get a suffix.
+    suffix = "" if args.model == "builtin:smollm2-135m" else "-" + args.model.split(":")[-1].replace("/", "_")
     t_start = time.perf_counter()
-    base, tok, info = load_model("builtin:smollm2-135m")
+    base, tok, info = load_model(args.model)
     layout = resolve(base)
-    calib = calibration("builtin:wiki", tok, args.nsamples, args.seqlen, 0)
-    test = token_streams(["builtin:wiki"], "test", tok)
-    val = token_streams(["builtin:wiki"], "validation", tok)
+    bos = resolve_bos(tok, args.bos)
+    calib = calibration("builtin:wiki", tok, args.nsamples, args.seqlen, 0, bos=bos, bos_requested=args.bos)
+    test = token_streams(["builtin:wiki"], "test", tok, bos)
+    val = token_streams(["builtin:wiki"], "validation", tok, bos)
     prof, _ = profile_model(base, tok, info, calib, outlier_m=(3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0, 10.0),
                             device="cpu", batch_size=8)
-    (out / "results_profile.json").write_text(json.dumps(prof, indent=1) + "\n")
+    (out / f"results_profile{suffix}.json").write_text(json.dumps(prof, indent=1) + "\n")
     model_dict = info.as_dict(layout.family.name, layout.num_blocks)
     names = [b["name"] for b in prof["blocks"]]
     numels = [b["numel"] for b in prof["blocks"]]
@@ -62,7 +72,7 @@ def main() -> None:
 
     def ppl(model, streams, max_windows=args.max_windows) -> float:
         r = evaluate_loaded(model, tok, data=["builtin:wiki"], seqlen=args.eval_seqlen, batch_size=8,
-                            max_windows=max_windows, streams=streams)
+                            max_windows=max_windows, streams=streams, bos=bos)
         return r["perplexity"]["builtin:wiki"]["ppl"]
 
     def pruned(alloc, method):
@@ -70,21 +80,25 @@ def main() -> None:
         t0 = time.perf_counter()
         blocks, _ = prune_model(m, resolve(m), alloc, method, opts, calib, device="cpu", batch_size=8)
         total = sum(b["numel"] for b in blocks)
-        return m, sum(b["zeros"] for b in blocks) / total, time.perf_counter() - t0
+        frac = {k: sum(b[k] for b in blocks) / total for k in ("zeros", "pruned", "preexisting_zeros")}
+        return m, frac, time.perf_counter() - t0
 
     rows = []
-    doc: dict = {"model": model_dict, "calibration": calib.as_dict(),
-                 "eval": {"data": "builtin:wiki", "split": "test", "seqlen": args.eval_seqlen,
-                          "windows": min(args.max_windows, int(test["builtin:wiki"].numel() // args.eval_seqlen))},
+    cal_doc = calib.as_dict()
+    cal_doc["fingerprint"] = {k: v for k, v in cal_doc["fingerprint"].items() if k != "paragraphs"}  # not needed here
+    body = args.eval_seqlen - (1 if bos == "always" else 0)
+    doc: dict = {"model": model_dict, "calibration": cal_doc,
+                 "eval": {"data": "builtin:wiki", "split": "test", "seqlen": args.eval_seqlen, "bos": bos,
+                          "windows": min(args.max_windows, int(test["builtin:wiki"].numel() // body))},
                  "rows": rows, "threads": torch.get_num_threads()}
 
     def save() -> None:  # after every row, so an interrupted run still leaves what it measured
         doc["seconds"] = round(time.perf_counter() - t_start, 1)
-        (out / "results.json").write_text(json.dumps(doc, indent=2) + "\n")
+        (out / f"results{suffix}.json").write_text(json.dumps(doc, indent=2) + "\n")
 
     done = {}
-    if args.resume and (out / "results.json").is_file():
-        old = json.loads((out / "results.json").read_text())
+    if args.resume and (out / f"results{suffix}.json").is_file():
+        old = json.loads((out / f"results{suffix}.json").read_text())
         done = {(r["method"], r["allocation"], r["pattern"], r.get("target")): r for r in old["rows"]}
         done.update({("sweep", p["outlier_m"], p["lambda"]): p for p in old.get("sweep", {}).get("points", [])})
         if "uniform_val_ppl" in old.get("sweep", {}):
@@ -96,7 +110,8 @@ def main() -> None:
             save()
             return
         model, real, secs = pruned(alloc, method)
-        rows.append({"method": method, "allocation": label, "pattern": pattern, "sparsity": real,
+        rows.append({"method": method, "allocation": label, "pattern": pattern, "sparsity": real["zeros"],
+                     "pruned_sparsity": real["pruned"], "preexisting_sparsity": real["preexisting_zeros"],
                      "target": target, "ppl": ppl(model, test), "prune_s": round(secs, 1)})
         print(rows[-1], flush=True)
         save()
@@ -105,15 +120,33 @@ def main() -> None:
         return allocation_from_profile(prof, None, None, target_sparsity=s, outlier_m=m_, lam=lam)
 
     dense_row = done.get(("dense", "-", "-", None))
-    rows.append(dense_row or {"method": "dense", "allocation": "-", "pattern": "-", "sparsity": 0.0,
-                              "ppl": ppl(base, test)})
+    dense_zeros = sum(int((lin.weight == 0).sum()) for i in range(layout.num_blocks)
+                      for lin in layout.linears(i).values()) / sum(numels)
+    rows.append(dense_row or {"method": "dense", "allocation": "-", "pattern": "-", "sparsity": dense_zeros,
+                              "preexisting_sparsity": dense_zeros, "ppl": ppl(base, test)})
     print(rows[-1], flush=True)
     save()
-    methods = ["wanda", "sparsegpt", "magnitude"]
+    if bos == "always":  # the same dense model with the reference's stream protocol, for comparison
+        key = ("dense (--bos never)", "-", "-", None)
+        if key not in done:
+            never = token_streams(["builtin:wiki"], "test", tok, "never")
+            r = evaluate_loaded(base, tok, data=["builtin:wiki"], seqlen=args.eval_seqlen, batch_size=8,
+                                max_windows=args.max_windows, streams=never, bos="never")
+            done[key] = {"method": key[0], "allocation": "-", "pattern": "-", "sparsity": dense_zeros,
+                         "preexisting_sparsity": dense_zeros, "ppl": r["perplexity"]["builtin:wiki"]["ppl"]}
+        rows.append(done[key])
+        print(rows[-1], flush=True)
+        save()
+    methods = ["wanda", "sparsegpt", "magnitude"] if args.grid == "full" else ["wanda", "sparsegpt"]
     # most important first: 70% for every method, then N:M, then the sweep, then 60% and 50%
     for method in methods:
         run(method, uniform_allocation(model_dict, names, numels, target_sparsity=0.7), "uniform", "unstructured", 0.7)
         run(method, owl(0.7), "owl (M 5, lambda 0.08)", "unstructured", 0.7)
+    if args.grid == "70":
+        plot_allocation(owl(0.7), out / f"owl_allocation{suffix}.png", force=True)
+        save()
+        print(json.dumps(doc, indent=2))
+        return
     for method in methods:
         run(method, uniform_allocation(model_dict, names, numels, pattern="2:4"), "uniform", "2:4", 0.5)
     run("wanda", uniform_allocation(model_dict, names, numels, pattern="3:8"), "uniform", "3:8", 0.625)

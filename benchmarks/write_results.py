@@ -1,5 +1,6 @@
-"""Render docs/results.md from the JSON the benchmarks wrote (docs/results.json, docs/bench_prune*.json,
-docs/bench_startup.json). Numbers are copied, never typed: re-run the benchmarks, then this script."""
+"""Render docs/results.md from the JSON the benchmarks wrote (docs/results.json, docs/results-gemma3-270m.json,
+docs/propagation-*.json, docs/bench_prune*.json, docs/bench_startup.json). Numbers are copied, never typed:
+re-run the benchmarks, then this script."""
 
 from __future__ import annotations
 
@@ -14,19 +15,44 @@ def _load(name: str) -> dict | None:
     return json.loads(p.read_text()) if p.is_file() else None
 
 
-def quality(doc: dict) -> list[str]:
+def _bos(doc: dict) -> str:
+    # Runs before --bos existed recorded nothing: they are the reference protocol (one stream, --bos never).
+    c, e = doc["calibration"], doc["eval"]
+    cb, eb = c.get("bos", "never"), e.get("bos", "never")
+    if cb == eb == "always":
+        return (f"BOS: `--bos always` (auto for this tokenizer): every window starts with BOS, followed by "
+                f"{c['seqlen'] - 1} (calibration) or {e['seqlen'] - 1} (evaluation) text tokens")
+    if cb == eb == "never":
+        return "BOS: `--bos never` (auto for this tokenizer, which adds none; the reference protocol)"
+    return f"BOS: calibration `{cb}`, evaluation `{eb}`"
+
+
+def quality(doc: dict, shared_note: bool = True) -> list[str]:
     c, e = doc["calibration"], doc["eval"]
     out = [f"Calibration: `{c['source']}`, {c['nsamples']} x {c['seqlen']} tokens, seed {c['seed']}. "
            f"Evaluation: `{e['data']}` {e['split']} split, the first {e['windows']} windows of {e['seqlen']} tokens "
-           f"(reference protocol: non-overlapping windows, float32 cross-entropy). {doc['threads']} threads. "
-           "The `prune s` column is wall time on a shared machine while other jobs ran (up to 5 processes on 2 "
-           "cores): it is not comparable between rows; see the speed section for a side-by-side measurement.", "",
-           "| method | allocation | pattern | target | realised sparsity | perplexity | prune s |",
-           "|---|---|---|---|---|---|---|"]
+           f"(non-overlapping windows, remainder dropped, float32 cross-entropy). {_bos(doc)}. "
+           f"{doc['threads']} threads. "
+           + ("The `prune s` column is wall time on a shared machine while other jobs ran (up to 5 processes on 2 "
+              "cores): it is not comparable between rows; see the speed section for a side-by-side measurement."
+              if shared_note else "The `prune s` column is wall time on a machine shared with other jobs."), ""]
+    pre = any("preexisting_sparsity" in r for r in doc["rows"])
+    if pre:
+        out += ["| method | allocation | pattern | target | zero before pruning | pruned (masks) | "
+                "realised sparsity (all zeros) | perplexity | prune s |", "|---|---|---|---|---|---|---|---|---|"]
+    else:
+        out += ["| method | allocation | pattern | target | realised sparsity | perplexity | prune s |",
+                "|---|---|---|---|---|---|---|"]
     for r in doc["rows"]:
         t = "-" if r.get("target") is None else f"{r['target']:.3f}"
-        out.append(f"| {r['method']} | {r['allocation']} | {r['pattern']} | {t} | {r['sparsity']:.4f} | "
-                   f"{r['ppl']:.2f} | {r.get('prune_s', '-')} |")
+        if pre:
+            p = "-" if r.get("pruned_sparsity") is None else f"{r['pruned_sparsity']:.4f}"
+            out.append(f"| {r['method']} | {r['allocation']} | {r['pattern']} | {t} | "
+                       f"{r.get('preexisting_sparsity', 0.0):.4f} | {p} | {r['sparsity']:.4f} | {r['ppl']:.2f} | "
+                       f"{r.get('prune_s', '-')} |")
+        else:
+            out.append(f"| {r['method']} | {r['allocation']} | {r['pattern']} | {t} | {r['sparsity']:.4f} | "
+                       f"{r['ppl']:.2f} | {r.get('prune_s', '-')} |")
     sw = doc.get("sweep")
     if sw and sw.get("points"):
         out += ["", f"M x lambda sweep: {sw['method']} at {sw['target']:.0%}, `builtin:wiki` {sw['split']} split, "
@@ -38,6 +64,35 @@ def quality(doc: dict) -> list[str]:
             b = sw["best"]
             out += ["", f"Best pair on validation: M {b['outlier_m']:g}, lambda {b['lambda']:g}; on the test split "
                     f"it gives {sw['best_test_ppl']:.2f} (the paper's M 5, lambda 0.08 row is in the table above)."]
+    return out
+
+
+def owl_vs_uniform(doc: dict) -> list[str]:
+    """One sentence per method: OWL against uniform at the same target, as measured (better or worse)."""
+    rows = {(r["method"], r["allocation"].split(" ")[0], r.get("target")): r["ppl"] for r in doc["rows"]}
+    out = []
+    for (method, alloc, target), ppl in rows.items():
+        if alloc != "owl" or (method, "uniform", target) not in rows:
+            continue
+        uni = rows[(method, "uniform", target)]
+        verdict = "better than" if ppl < uni else "worse than"
+        out.append(f"- {method} at {target:.0%}: OWL {ppl:.2f} vs uniform {uni:.2f} ({(ppl - uni) / uni:+.1%}), "
+                   f"OWL {verdict} uniform on this model.")
+    return out
+
+
+def propagation(docs: list[dict]) -> list[str]:
+    """Per-block relative error of the driver's propagated hidden states vs the model's own forward."""
+    out = ["Relative error ||h - h_model|| / ||h_model|| of each block's output (dense, float32, windows of the "
+           "`builtin:wiki` test split) when the driver replays block 0's inputs for every block (the reference's "
+           "Catcher, owlctl before this fix) and with owlctl's per-block inputs. Written by "
+           "`benchmarks/propagation.py`.", ""]
+    head = "| block | layer type | " + " | ".join(
+        f"replay, {d['windows']} x {d['seqlen']}, bos {d['bos']} | owlctl" for d in docs) + " |"
+    out += [head, "|---|---|" + "---|---|" * len(docs)]
+    for i, r in enumerate(docs[0]["rows"]):
+        cells = " | ".join(f"{d['rows'][i]['replay_block0']:.4f} | {d['rows'][i]['owlctl']:.1e}" for d in docs)
+        out.append(f"| {r['block']} | {r['layer_type'] or '-'} | {cells} |")
     return out
 
 
@@ -64,12 +119,28 @@ def speed(doc: dict) -> list[str]:
 def main() -> None:
     parts = ["# Results", "", "Every number here was measured on this project's 2-core CPU machine by the scripts in "
              "`benchmarks/`, which wrote the JSON files beside this page; `python benchmarks/write_results.py` "
-             "renders it. The built-in model is SmolLM2-135M (`builtin:smollm2-135m`), the corpus `builtin:wiki`.", ""]
+             "renders it. The built-in models are SmolLM2-135M (`builtin:smollm2-135m`, the default) and Gemma-3-270M "
+             "(`builtin:gemma3-270m`), the corpus `builtin:wiki`.", ""]
     q = _load("results.json")
     if q:
         parts += ["## Quality (perplexity, lower is better)", "", *quality(q), "",
                   "![OWL allocation](owl_allocation.png)", "",
                   "The figure: outlier ratio D_l (M 5) per block and the OWL vs uniform sparsity per block at 70%.", ""]
+    g = _load("results-gemma3-270m.json")
+    if g:
+        parts += ["## Quality on Gemma-3-270M (`builtin:gemma3-270m`)", "",
+                  "The second built-in model: Gemma-3-270M, the base model (18 blocks, hidden 640, vocab 262k; "
+                  "sliding-window attention (512) in 15 blocks, full attention in blocks 5, 11 and 17; Gemma "
+                  "Terms of Use apply), dequantised from a Q4_K_M GGUF, whose prunable weights are already "
+                  f"{g['rows'][0].get('preexisting_sparsity', 0.0):.2%} exact zeros. Same protocol as the SmolLM2 "
+                  "table above, except that `--bos auto` gives this tokenizer a BOS per window (the row `--bos "
+                  "never` is the dense model under the reference's single-stream protocol).", "",
+                  *quality(g, shared_note=False), "", *owl_vs_uniform(g), "",
+                  "![OWL allocation, Gemma-3](owl_allocation-gemma3-270m.png)", ""]
+    props = [d for d in (_load(f"propagation-gemma3-270m-{n}.json") for n in ("512-never", "512-always", "1024-always"))
+             if d]
+    if props:
+        parts += ["## Block-by-block propagation on Gemma-3-270M", "", *propagation(props), ""]
     for name in ("bench_prune.json", "bench_prune_sparsegpt.json"):
         s = _load(name)
         if s:

@@ -41,3 +41,7 @@ class OutputError(OwlctlError):
 
 class Terminated(KeyboardInterrupt):
     """SIGTERM, raised in the main thread so cleanup runs exactly as for Ctrl-C (the CLI exits 143)."""
+
+
+class OwlctlWarning(UserWarning):
+    """Something the user should know that does not stop the run; the CLI prints it as `warning: ...`."""

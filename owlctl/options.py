@@ -69,6 +69,12 @@ class Dtype(Choice):
     bf16 = "bf16"
 
 
+class Bos(Choice):
+    auto = "auto"
+    always = "always"
+    never = "never"
+
+
 class Split(Choice):
     test = "test"
     validation = "validation"
@@ -219,7 +225,7 @@ def parse_list(values: Any) -> tuple[str, ...] | None:
     return out or None
 
 
-MODEL_HELP = "HF hub id, local model directory, or a built-in model (builtin:smollm2-135m)."
+MODEL_HELP = "HF hub id, local model directory, or a built-in model (builtin:smollm2-135m, builtin:gemma3-270m)."
 MODEL = arg(MODEL_HELP)
 OUTPUT = opt("--output", "-o", help="Where to write the result.")
 FORCE = opt("--force", help="Overwrite an existing output (never the input itself).")
@@ -227,7 +233,10 @@ DEVICE = opt("--device", help="cpu | cuda | cuda:N | auto (cuda when available).
              metavar="<device>")
 DTYPE = opt("--dtype", help="Weights' dtype: auto (the checkpoint's) or a float type.", choices=Dtype)
 SEED = opt("--seed", help="Seed for calibration sampling.")
-CALIB = opt("--calib", help="Calibration data: builtin:wiki | c4 | wikitext2 | a local .txt/.jsonl file or folder.")
+CALIB = opt("--calib", help="Calibration data: builtin:wiki | c4 | wikitext2 | a local .txt/.jsonl file or folder "
+            "(its calibration split; see docs/formats.md).")
+BOS = opt("--bos", help="BOS per window: auto (when the tokenizer adds one, e.g. Gemma) | always | never (the "
+          "reference: one stream, only its start has BOS).", choices=Bos)
 NSAMPLES = opt("--nsamples", help="Calibration sequences (default: 128, built-in model: 32).", min=1)
 SEQLEN = opt("--seqlen", help="Tokens per calibration sequence (default: 2048, built-in model: 512).", min=2)
 BATCH_SIZE = opt("--batch-size", help="Sequences per forward pass (the result does not depend on it).", min=1)
@@ -258,6 +267,7 @@ class CalibrationOptions:
     nsamples: int | None = NSAMPLES(None)
     seqlen: int | None = SEQLEN(None)
     seed: int = SEED(0)
+    bos: str = BOS("auto")
     batch_size: int = BATCH_SIZE(8)
 
 

@@ -31,6 +31,12 @@ def tiny_llama(tiny_models) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_llama_bos(tmp_path_factory) -> Path:
+    """A tiny llama whose tokenizer adds BOS to every text (as Gemma's and LLaMA-2's do)."""
+    return make_tiny_model("llama", tmp_path_factory.mktemp("tiny-llama-bos"), add_bos=True)
+
+
+@pytest.fixture(scope="session")
 def text_file(tmp_path_factory) -> Path:
     p = tmp_path_factory.mktemp("text") / "corpus.txt"
     p.write_text(TEXT)

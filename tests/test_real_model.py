@@ -56,3 +56,21 @@ def test_pipeline_owl_beats_uniform_at_70(tmp_path):
         assert res[label]["realised_sparsity"] == pytest.approx(0.7, abs=0.01)
     assert res["wanda owl"]["block_sparsity_max"] - res["wanda owl"]["block_sparsity_min"] > 0.05
     assert (tmp_path / "run" / "profile.json").is_file() and (tmp_path / "run" / "allocation-owl.json").is_file()
+
+
+def test_propagation_equals_model_forward_smollm2():
+    """The driver's dense block-by-block forward equals the model's own forward at every block boundary."""
+    from owlctl.engine.loading import load_model
+    from owlctl.engine.perplexity import windows
+    from owlctl.families import resolve
+    from owlctl.ops.evaluate import token_streams
+    from propagation_check import driver_block_io, model_block_outputs, rel_err
+
+    model, tok, _info = load_model("builtin:smollm2-135m")
+    layout = resolve(model)
+    ids = windows(token_streams(["builtin:wiki"], "test", tok, "never")["builtin:wiki"], 256, 3)
+    want_in, want_out = model_block_outputs(model, layout, ids)
+    got_in, got_out = driver_block_io(model, layout, ids, batch_size=2)
+    for i in range(layout.num_blocks):
+        assert rel_err(got_in[i], want_in[i]) <= 1e-5, f"input of block {i}"
+        assert rel_err(got_out[i], want_out[i]) <= 1e-5, f"output of block {i}"

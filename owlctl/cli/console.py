@@ -176,6 +176,27 @@ def _interrupted(what: str) -> None:
     err.print(f"[red]{what}[/red]: no partial output was left behind{kept}", highlight=False)
 
 
+@contextmanager
+def _owlctl_warnings_to_stderr() -> Iterator[None]:
+    """Show the ops layer's OwlctlWarnings as `warning: ...` lines (every time, not once per place)."""
+    import warnings
+
+    from owlctl.errors import OwlctlWarning
+
+    with warnings.catch_warnings():
+        previous = warnings.showwarning
+
+        def show(message: Any, category: type, filename: str, lineno: int, file: Any = None, line: Any = None) -> None:
+            if issubclass(category, OwlctlWarning):
+                warn(str(message))
+            else:
+                previous(message, category, filename, lineno, file, line)
+
+        warnings.simplefilter("always", OwlctlWarning)
+        warnings.showwarning = show
+        yield
+
+
 def handle_errors(fn):
     """Decorator for command bodies: known failures -> message + hint on stderr, exit 1; Ctrl-C -> 130;
     SIGTERM (timeout, Slurm, docker, Kubernetes) is handled like Ctrl-C -> 143. Temporary outputs are
@@ -202,7 +223,8 @@ def handle_errors(fn):
         except ValueError:  # not the main thread
             previous = None
         try:
-            return fn(*args, **kwargs)
+            with _owlctl_warnings_to_stderr():
+                return fn(*args, **kwargs)
         except OwlctlError as e:
             if os.environ.get("OWLCTL_DEBUG") == "1":
                 raise

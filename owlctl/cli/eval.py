@@ -9,11 +9,14 @@ from owlctl.cli.declare import command
 
 HELP = """Measure a model's perplexity, audit its sparsity, and optionally run zero-shot tasks.
 
-Perplexity follows the OWL/Wanda reference exactly: the split's text is tokenised once and cut into
+Perplexity follows the OWL/Wanda reference: the split's text is tokenised once and cut into
 floor(n / seqlen) non-overlapping windows (the remainder is dropped); each window's mean cross-entropy
 (float32) over its seqlen-1 next-token predictions is averaged over windows, and ppl = exp(that mean).
-The audit counts the exact zeros of every prunable Linear and checks them against the allocation the
-checkpoint records. Zero-shot tasks (--tasks / --zeroshot) run through the stock lm-eval harness
+--bos always gives every window its own BOS ([BOS] + seqlen-1 tokens); the default auto does so when the
+tokenizer adds a BOS to every sequence (Gemma), --bos never is the reference exactly. Text that overlaps
+the calibration text the checkpoint records is refused. The audit counts the exact zeros of every
+prunable Linear, apart from the zeros the weights had before pruning, and checks them against the
+allocation the checkpoint records. Zero-shot tasks (--tasks / --zeroshot) run through the stock lm-eval harness
 (pip install 'owlctl[eval]'); its accuracies are not comparable with the paper's length-normalised
 pipeline. Data defaults to builtin:wiki at seqlen 512 for the built-in model and checkpoints pruned from
 it, wikitext2 at 2048 otherwise; the test split is used unless --split validation.
@@ -61,13 +64,14 @@ def render(doc: dict) -> None:
     cmp = doc.get("compare")
     if doc["perplexity"]:
         t = Table(title=f"perplexity: {_name(doc['model'])}", title_justify="left")
-        for col in ("data", "split", "seqlen", "windows", "tokens", "ppl"):
-            t.add_column(col, justify="left" if col in ("data", "split") else "right")
+        for col in ("data", "split", "bos", "seqlen", "windows", "tokens", "ppl"):
+            t.add_column(col, justify="left" if col in ("data", "split", "bos") else "right")
         if cmp:
             t.add_column("ppl other", justify="right")
             t.add_column("other/this", justify="right")
         for source, r in doc["perplexity"].items():
-            row = [source, r["split"], str(r["seqlen"]), str(r["windows"]), str(r["tokens"]), _fmt(r["ppl"])]
+            row = [source, r["split"], r.get("bos", "never"), str(r["seqlen"]), str(r["windows"]), str(r["tokens"]),
+                   _fmt(r["ppl"])]
             if cmp:
                 row += [_fmt(cmp["perplexity"][source]["ppl"]), _fmt(cmp["ratio"][source], ".4f")]
             t.add_row(*row)
@@ -94,14 +98,18 @@ def _render_audit(a: dict, name: str) -> None:
                                       else f" {pat['n_keep']}:{pat['m']} (kept:group)")
     what = f"{a['allocator']} allocation{pattern}" if a["allocator"] else "no allocation recorded"
     t = Table(title=f"sparsity audit: {name} ({what}){status}", title_justify="left")
-    for col in ("block", "allocated", "realised", "diff", "check"):
+    for col in ("block", "allocated", "pruned", "pre-existing", "realised", "diff", "check"):
         t.add_column(col, justify="left" if col == "check" else "right")
     for b in a["blocks"]:
         diff = None if b["allocated"] is None else b["realised"] - b["allocated"]
         ok = "" if b["ok"] is None else ("ok" if b["ok"] else "[red]MISMATCH[/red]")
-        t.add_row(str(b["index"]), _fmt(b["allocated"], ".4f"), f"{b['realised']:.4f}", _fmt(diff, "+.4f"), ok)
+        t.add_row(str(b["index"]), _fmt(b["allocated"], ".4f"), _fmt(b.get("pruned_fraction"), ".4f"),
+                  _fmt(b.get("preexisting"), ".4f"), f"{b['realised']:.4f}", _fmt(diff, "+.4f"), ok)
     out.print(t)
-    line = f"realised {a['realised_sparsity']:.4f} of {a['numel']} prunable weights"
+    line = f"realised {a['realised_sparsity']:.4f} of {a['numel']} prunable weights (all exact zeros)"
+    if a.get("preexisting_sparsity") is not None:
+        line += (f"; zero before pruning {a['preexisting_sparsity']:.4f}, "
+                 f"pruned by the masks {_fmt(a.get('pruned_sparsity'), '.4f')}")
     if a["allocated_sparsity"] is not None:
         line += f"; allocated {a['allocated_sparsity']:.4f}"
     out.print(line, highlight=False)

@@ -62,5 +62,6 @@ def render(doc: dict) -> None:
         console.out.print(f"OWL vs uniform on {d}: {o:.2f} vs {u:.2f} ({(o - u) / u:+.1%})", highlight=False)
     c = doc["calibration"]
     console.out.print(f"calibration {c['source']} {c['nsamples']} x {c['seqlen']}; windows "
-                      f"{res['owl']['windows']}; total {doc['seconds']['total']:.0f} s", highlight=False)
+                      f"{res['owl']['windows']}; bos {ev.get('bos', 'never')}; total {doc['seconds']['total']:.0f} s",
+                      highlight=False)
     console.out.print(doc["full_size_hint"], highlight=False)

@@ -53,5 +53,6 @@ def _render(res: dict) -> None:
         t.add_row(str(b["index"]), *[f"{b['outlier_pct'][k]:.3f}" for k in show])
     console.out.print(t)
     c = doc["calibration"]
-    console.out.print(f"calibration: {c['source']}, {c['nsamples']} x {c['seqlen']} tokens, seed {c['seed']}; "
+    console.out.print(f"calibration: {c['source']}, {c['nsamples']} x {c['seqlen']} tokens, seed {c['seed']}, "
+                      f"bos {c.get('bos', 'never')}; "
                       f"{res['seconds']['total']:.1f} s; saved to {res['output'] or '(not saved)'}", highlight=False)

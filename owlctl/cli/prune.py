@@ -61,7 +61,9 @@ def render_summary(res: dict) -> None:
         ("model", res["model"]["id"]),
         ("target sparsity", "-" if res["target_sparsity"] is None else f"{res['target_sparsity']:.4f}"),
         ("allocated (param-weighted)", f"{res['allocated_sparsity']:.4f}"),
-        ("realised", f"{res['realised_sparsity']:.4f}"),
+        ("realised (all exact zeros)", f"{res['realised_sparsity']:.4f}"),
+        ("pruned by the masks", f"{res['pruned_sparsity']:.4f}"),
+        ("zero before pruning", f"{res['preexisting_sparsity']:.4f}"),
         ("block sparsity range", f"{min(b['realised'] for b in res['blocks']):.3f} .. "
                                  f"{max(b['realised'] for b in res['blocks']):.3f}"),
         ("masks differing from allocation", str(res["mask_mismatches"])),

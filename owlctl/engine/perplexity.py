@@ -9,6 +9,10 @@ Given one token stream (the split's documents joined and tokenised once) of n to
 
 The reference writes this as exp(sum_w ce_w*T / (W*T)), which is the same number. Logits are upcast to
 float32 before the cross-entropy (the reference computes it in the model dtype, fp16 on GPU).
+
+With a BOS per window (``--bos always``; ``bos_id`` set, the stream tokenised without special tokens) each
+window is [BOS] + T-1 stream tokens, W = floor(n / (T-1)): the same T-1 predictions per window, the first of
+them predicting the window's first text token from BOS alone.
 """
 
 from __future__ import annotations
@@ -33,9 +37,10 @@ def max_positions(model: Any) -> int | None:
     return None
 
 
-def windows(ids: Any, seqlen: int, max_windows: int | None = None) -> Any:
+def windows(ids: Any, seqlen: int, max_windows: int | None = None, bos_id: int | None = None) -> Any:
     """The evaluation windows of a 1-D token stream: (W, seqlen), W = floor(n / seqlen), capped at
-    ``max_windows`` (the first ones). Raises DataError when the stream is shorter than one window."""
+    ``max_windows`` (the first ones); with ``bos_id``, each window is [bos_id] + seqlen - 1 stream tokens and
+    W = floor(n / (seqlen - 1)). Raises DataError when the stream is shorter than one window."""
     if ids.dim() != 1:
         raise InputError(f"token ids must be 1-D, got shape {tuple(ids.shape)}")
     if seqlen < 2:
@@ -43,23 +48,31 @@ def windows(ids: Any, seqlen: int, max_windows: int | None = None) -> Any:
     if max_windows is not None and max_windows < 1:
         raise InputError(f"--max-windows must be >= 1, got {max_windows}")
     n = ids.numel()
-    w = n // seqlen
+    body = seqlen if bos_id is None else seqlen - 1
+    w = n // body
     if w == 0:
         raise DataError(f"the evaluation text has {n} tokens, fewer than one window of --seqlen {seqlen}",
                         hint=f"lower --seqlen (at most {n}), or evaluate on a larger corpus")
     if max_windows is not None:
         w = min(w, max_windows)
-    return ids[: w * seqlen].view(w, seqlen)
+    wins = ids[: w * body].view(w, body)
+    if bos_id is None:
+        return wins
+    import torch
+
+    return torch.cat([torch.full((w, 1), int(bos_id), dtype=ids.dtype), wins], dim=1)
 
 
 def perplexity(model: Any, ids: Any, seqlen: int, *, batch_size: int = 1, max_windows: int | None = None,
-               device: str = "cpu", progress: Any = None, description: str = "perplexity") -> dict:
+               device: str = "cpu", progress: Any = None, description: str = "perplexity",
+               bos_id: int | None = None) -> dict:
     """Perplexity of ``model`` on the 1-D LongTensor ``ids`` with the reference protocol (module docstring).
 
     The model must already be on ``device``; windows are sent there ``batch_size`` at a time (batching does
-    not change the result: every window is scored on its own). Returns {"ppl", "nll_mean" (mean window CE,
-    nats per token), "windows", "tokens" (windows x seqlen), "predictions", "seqlen", "window_nll" (per-window
-    mean CE, a list of floats)}.
+    not change the result: every window is scored on its own). ``bos_id``: a BOS per window (module docstring).
+    Returns {"ppl", "nll_mean" (mean window CE, nats per token), "windows", "tokens" (windows x seqlen),
+    "predictions", "seqlen", "window_nll" (per-window mean CE, a list of floats), "bos" ("always" | "never"),
+    "stream_tokens_used"}.
     """
     import torch
     import torch.nn.functional as F
@@ -70,7 +83,7 @@ def perplexity(model: Any, ids: Any, seqlen: int, *, batch_size: int = 1, max_wi
     if limit is not None and seqlen > limit:
         raise InputError(f"--seqlen {seqlen} is longer than the model's {limit} positions "
                          "(max_position_embeddings)", hint=f"use --seqlen {limit} or less")
-    wins = windows(ids.long(), seqlen, max_windows)
+    wins = windows(ids.long(), seqlen, max_windows, bos_id)
     n_win = wins.shape[0]
     per_window: list[Any] = []
     cm = progress.task(description, n_win) if progress is not None else None
@@ -98,4 +111,6 @@ def perplexity(model: Any, ids: Any, seqlen: int, *, batch_size: int = 1, max_wi
                         hint="the weights may hold inf/NaN, or float16 overflowed; try --dtype float32")
     ppl = math.exp(nll_mean) if nll_mean < _MAX_EXP else None  # None: beyond float range (JSON has no inf)
     return {"ppl": ppl, "nll_mean": nll_mean, "windows": n_win, "tokens": n_win * seqlen,
-            "predictions": n_win * (seqlen - 1), "seqlen": seqlen, "window_nll": window_nll.tolist()}
+            "predictions": n_win * (seqlen - 1), "seqlen": seqlen, "window_nll": window_nll.tolist(),
+            "bos": "never" if bos_id is None else "always",
+            "stream_tokens_used": n_win * (seqlen if bos_id is None else seqlen - 1)}

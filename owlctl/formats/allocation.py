@@ -1,7 +1,8 @@
 """The ``owlctl.allocation/1`` contract: one sparsity (or N of N:M) per decoder block.
 
     {"schema": "owlctl.allocation/1", "owlctl_version", "created",
-     "profile": {"sha256": str|null, "path": str|null},           # null for `prune --uniform`
+     "profile": {"sha256": str|null, "path": str|null,             # null for `prune --uniform`
+                 "calibration": {...}|null},                       # the profile's calibration block (BOS, text)
      "model": {...},                                               # the profile's model dict (or the model's own)
      "params": {allocator, target_sparsity, outlier_m, lambda, balance, clamp, min_sparsity, max_sparsity,
                 special},
@@ -47,6 +48,7 @@ def build_allocation_doc(
     n_keeps: Sequence[int] | None = None,
     profile_sha256: str | None = None,
     profile_path: str | None = None,
+    profile_calibration: dict | None = None,
     created: str | None = None,
 ) -> dict:
     """Assemble (and validate) an allocation document. Give ``sparsities`` for unstructured, ``n_keeps`` for N:M."""
@@ -76,7 +78,7 @@ def build_allocation_doc(
     doc = {
         **header("allocation"),
         "created": created or datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "profile": {"sha256": profile_sha256, "path": profile_path},
+        "profile": {"sha256": profile_sha256, "path": profile_path, "calibration": profile_calibration},
         "model": dict(model),
         "params": dict(params),
         "pattern": dict(pattern),

@@ -121,7 +121,17 @@ def read_checkpoint_records(path: Path) -> dict:
 
 
 def report_doc(model_info: dict, method: str, pattern: dict, blocks: list[dict], seconds: dict) -> dict:
+    """The prune report. Sparsities are fractions of the prunable weights: ``realised`` = all exact zeros
+    after pruning, ``pruned`` = the masks' positions, ``preexisting`` = zeros the weights had before pruning
+    (a mask may select them), ``newly_zeroed`` = mask positions that were non-zero."""
     total = sum(b["numel"] for b in blocks)
-    zeros = sum(b["zeros"] for b in blocks)
+
+    def frac(key: str) -> float | None:
+        if any(key not in b for b in blocks):
+            return None
+        return sum(b[key] for b in blocks) / total if total else 0.0
+
     return {**header("report"), "model": model_info, "method": method, "pattern": pattern,
-            "realised_sparsity": zeros / total if total else 0.0, "blocks": blocks, "seconds": seconds}
+            "realised_sparsity": frac("zeros"), "pruned_sparsity": frac("pruned"),
+            "preexisting_sparsity": frac("preexisting_zeros"), "newly_zeroed_sparsity": frac("newly_zeroed"),
+            "blocks": blocks, "seconds": seconds}

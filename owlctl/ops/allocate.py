@@ -148,7 +148,8 @@ def allocation_from_profile(
     return build_allocation_doc(
         block_names=block_names(profile_doc), block_numels=numels, outlier_pcts=ratios,
         model=profile_doc["model"], params=params, pattern=_pattern_dict(nm),
-        sparsities=sparsities, n_keeps=n_keeps, profile_sha256=profile_sha, profile_path=profile_path)
+        sparsities=sparsities, n_keeps=n_keeps, profile_sha256=profile_sha, profile_path=profile_path,
+        profile_calibration=profile_doc.get("calibration"))
 
 
 def uniform_allocation(model: dict, block_names: list[str], block_numels: list[int],

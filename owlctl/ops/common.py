@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import datetime as _dt
+import warnings
 from typing import Any
 
-from owlctl.engine.loading import BUILTIN_MODEL
+from owlctl.engine.loading import is_builtin
+from owlctl.errors import OwlctlWarning
 
-# The reference protocol is 128 x 2048 tokens of C4; the built-in model defaults to what fits this 2-core box.
+# The reference protocol is 128 x 2048 tokens of C4; the built-in models default to what fits this 2-core box.
 DEFAULT_CALIB = {"source": "c4", "nsamples": 128, "seqlen": 2048}
 BUILTIN_CALIB = {"source": "builtin:wiki", "nsamples": 32, "seqlen": 512}
 
@@ -18,7 +20,7 @@ def calib_defaults(model: str, calib: str | None, nsamples: int | None, seqlen: 
     The default seqlen is capped at the model's ``context`` (a 512-position model calibrates at 512)."""
     from owlctl.errors import InputError
 
-    base = BUILTIN_CALIB if model == BUILTIN_MODEL else DEFAULT_CALIB
+    base = BUILTIN_CALIB if is_builtin(model) else DEFAULT_CALIB
     if nsamples is not None and nsamples < 1:
         raise InputError(f"--nsamples must be >= 1, got {nsamples}")
     if seqlen is not None and seqlen < 2:
@@ -63,3 +65,21 @@ def peak_rss_mb() -> float:
 
 def model_bytes(model: Any) -> int:
     return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def warn(msg: str) -> None:
+    """A warning for the user (the CLI shows it on stderr as `warning: ...`)."""
+    warnings.warn(msg, OwlctlWarning, stacklevel=2)
+
+
+def resolve_bos(tok: Any, requested: str) -> str:
+    """--bos auto | always | never -> "always" | "never" for this tokenizer, warning when a tokenizer that adds
+    a BOS to every sequence runs without one per window."""
+    from owlctl.engine.data import bos_warning
+    from owlctl.engine.data import resolve_bos as _resolve
+
+    resolved = _resolve(tok, requested)
+    msg = bos_warning(tok, resolved)
+    if msg:
+        warn(msg)
+    return resolved

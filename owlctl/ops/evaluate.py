@@ -4,7 +4,10 @@
     evaluate_loaded(model, tok, data=...)      the same on a model already in memory (e.g. just pruned)
     audit_sparsity(model, records)             realised zeros per block / Linear vs the recorded allocation
 
-Perplexity follows SPEC 7.1 exactly (owlctl/engine/perplexity.py). C4 follows SPEC 7.2: the first 256 windows.
+Perplexity follows SPEC 7.1 exactly (owlctl/engine/perplexity.py) with ``bos="never"``; ``"always"`` gives
+every window its own BOS, ``"auto"`` (the default) picks ``always`` for tokenizers that add a BOS to every
+sequence. C4 follows SPEC 7.2: the first 256 windows. ``evaluate`` refuses evaluation text that overlaps the
+calibration text a checkpoint records (check_calibration_overlap).
 """
 
 from __future__ import annotations
@@ -18,11 +21,11 @@ from typing import Any, Sequence
 
 from owlctl.engine.zeroshot import PAPER_TASKS
 from owlctl.errors import InputError, ModelError
-from owlctl.options import ComputeOptions, Split, arg, opt, parse_list
+from owlctl.options import BOS, ComputeOptions, Split, arg, opt, parse_list
 from owlctl.progress import interactive
 
 __all__ = ["EvalConfig", "evaluate", "evaluate_loaded", "audit_sparsity", "eval_defaults", "token_streams",
-           "PAPER_TASKS", "C4_WINDOWS"]
+           "check_calibration_overlap", "PAPER_TASKS", "C4_WINDOWS"]
 
 SPLITS = ("test", "validation")  # never "calib": evaluating on calibration text would flatter the model
 C4_WINDOWS = 256  # SparseGPT's C4 protocol (SPEC 7.2): 256 windows of the validation shard
@@ -36,7 +39,8 @@ class EvalConfig(ComputeOptions):
     """``data`` None: builtin:wiki for the built-in model and checkpoints pruned from it, else wikitext2.
     ``seqlen`` None: 512 for those, else 2048 (the reference). ``tasks`` None: no zero-shot; ("paper",) is
     the paper's seven (``zeroshot=True`` is short for it). ``compare``: a second model evaluated on the
-    identical token windows."""
+    identical token windows. ``bos``: auto | always | never (a BOS per window; never = the reference
+    protocol)."""
 
     model: str = arg("Checkpoint directory, HF hub id, local model directory, or a built-in model.")()
     data: tuple[str, ...] | None = opt(
@@ -61,6 +65,7 @@ class EvalConfig(ComputeOptions):
     task_dir: str | None = opt("--task-dir", help="A folder of extra lm-eval task YAML files.")(None)
     compare: str | None = opt("--compare", help="A second model evaluated on the identical token windows; "
                               "reports other/this.")(None)
+    bos: str = BOS("auto")
 
     def __post_init__(self) -> None:
         if self.zeroshot and self.tasks is None:
@@ -71,9 +76,9 @@ def eval_defaults(model_id: str, data: Sequence[str] | None = None, seqlen: int 
                   context: int | None = None) -> tuple[tuple[str, ...], int]:
     """(data sources, seqlen) for a model id (a checkpoint reports the id it was pruned from); the default
     seqlen is capped at the model's ``context``."""
-    from owlctl.engine.loading import BUILTIN_MODEL
+    from owlctl.engine.loading import is_builtin
 
-    base = BUILTIN_EVAL if model_id == BUILTIN_MODEL else DEFAULT_EVAL
+    base = BUILTIN_EVAL if is_builtin(model_id) else DEFAULT_EVAL
     if seqlen is None:
         seqlen = base["seqlen"] if context is None else min(base["seqlen"], context)
     return tuple(data) if data else base["data"], seqlen
@@ -91,13 +96,18 @@ def _expand_tasks(tasks: Sequence[str] | None) -> tuple[str, ...] | None:
 
 
 def _validate(cfg: EvalConfig) -> None:
-    from owlctl.options import Dtype, check_choice, check_device
+    from owlctl.options import Bos, Dtype, check_choice, check_device
 
     check_device(cfg.device)
     check_choice("--dtype", cfg.dtype, Dtype)
+    check_choice("--bos", cfg.bos, Bos)
     if cfg.split not in SPLITS:
         hint = "calibration text is never used for evaluation" if cfg.split == "calib" else None
         raise InputError(f"--split must be one of {', '.join(SPLITS)}, got {cfg.split!r}", hint=hint)
+    from owlctl.engine.data import BOS_CHOICES
+
+    if cfg.bos not in BOS_CHOICES:
+        raise InputError(f"--bos must be one of {', '.join(BOS_CHOICES)}, got {cfg.bos!r}")
     if cfg.seqlen is not None and cfg.seqlen < 2:
         raise InputError(f"--seqlen must be >= 2, got {cfg.seqlen}")
     if cfg.batch_size < 1:
@@ -128,8 +138,11 @@ def audit_sparsity(model: Any, records: dict | None = None) -> dict:
       - unstructured, without them: |realised - allocated| > 1/min(C_in) + 1e-9 (per-row rounding slack);
       - N:M (n_keep kept per group of m): any group of m inputs keeps more than n_keep non-zeros, or its
         zeros differ as above (rows x C_in/m x (m - n_keep) expected).
+    Zeros the weights had before pruning are reported apart (``preexisting_zeros``, from the prune report;
+    null without one): ``realised`` counts every exact zero, ``pruned`` the mask positions (what the
+    allocation asked for), ``preexisting`` the zeros found before pruning, some of which a mask may select.
     Returns {"status": "ok" | "mismatch" | "no allocation recorded", "realised_sparsity", "allocated_sparsity",
-    "pattern", "allocator", "blocks": [...], "mismatches": [...]}."""
+    "pruned_sparsity", "preexisting_sparsity", "pattern", "allocator", "blocks": [...], "mismatches": [...]}."""
     import torch
 
     from owlctl.families import resolve
@@ -172,8 +185,16 @@ def audit_sparsity(model: Any, records: dict | None = None) -> dict:
     if alloc_blocks is not None:
         allocated = sum(r["allocated"] * r["numel"] for r in rows) / numel if numel else 0.0
     status = NO_ALLOCATION if alloc is None else ("mismatch" if mismatches else "ok")
+
+    def total(key: str) -> int | None:
+        vals = [r[key] for r in rows]
+        return None if any(v is None for v in vals) else sum(vals)
+
+    pre, pruned = total("preexisting_zeros"), total("pruned")
     return {"status": status, "realised_sparsity": zeros / numel if numel else 0.0, "allocated_sparsity": allocated,
-            "numel": numel, "zeros": zeros, "pattern": pattern,
+            "pruned_sparsity": None if pruned is None or not numel else pruned / numel,
+            "preexisting_sparsity": None if pre is None or not numel else pre / numel,
+            "numel": numel, "zeros": zeros, "preexisting_zeros": pre, "pruned": pruned, "pattern": pattern,
             "allocator": ((alloc or {}).get("params") or {}).get("allocator"),
             "expected_counts": report is not None, "blocks": rows, "mismatches": mismatches}
 
@@ -185,17 +206,30 @@ def _audit_block(i: int, name: str, lins: dict, values: list, ab: dict | None, n
         out_f, in_f = lin.weight.shape
         expected = None
         r = (rep or {}).get(lname)
-        if ab is not None and r is not None and r.get("numel") == out_f * in_f:
+        same = r is not None and r.get("numel") == out_f * in_f
+        if ab is not None and same:
             natural = max(0, int(r["zeros"]) - int(r["pruned"]))  # zeros the mask did not make
             planned = int(r["expected_pruned"]) if int(r["expected_pruned"]) >= 0 else int(r["pruned"])
             expected = planned + natural
+        pre = int(r["preexisting_zeros"]) if same and r.get("preexisting_zeros") is not None else None
+        pruned = int(r["pruned"]) if same and ab is not None and r.get("pruned") is not None else None
         lin_rows.append({"name": lname, "shape": [out_f, in_f], "numel": out_f * in_f, "zeros": int(zeros),
-                         "sparsity": zeros / (out_f * in_f), "expected_zeros": expected,
+                         "sparsity": zeros / (out_f * in_f), "preexisting_zeros": pre, "pruned": pruned,
+                         "expected_zeros": expected,
                          "nm_violations": int(over) if nm_m is not None and ab is not None else None})
     numel = sum(r["numel"] for r in lin_rows)
     zeros = sum(r["zeros"] for r in lin_rows)
+
+    def total(key: str) -> int | None:
+        vals = [r[key] for r in lin_rows]
+        return None if any(v is None for v in vals) else sum(vals)
+
+    pre_b, pruned_b = total("preexisting_zeros"), total("pruned")
     row: dict[str, Any] = {"index": i, "name": name, "numel": numel, "zeros": zeros,
-                           "realised": zeros / numel if numel else 0.0, "allocated": None, "n_keep": None,
+                           "realised": zeros / numel if numel else 0.0,
+                           "pruned_fraction": None if pruned_b is None or not numel else pruned_b / numel,
+                           "preexisting": None if pre_b is None or not numel else pre_b / numel,
+                           "preexisting_zeros": pre_b, "pruned": pruned_b, "allocated": None, "n_keep": None,
                            "expected_zeros": None, "check": None, "ok": None, "linears": lin_rows}
     if ab is None:
         return row
@@ -230,14 +264,55 @@ def _audit_block(i: int, name: str, lins: dict, values: list, ab: dict | None, n
 
 
 # -------------------------------------------------------------------------------------- perplexity
-def token_streams(data: Sequence[str], split: str, tok: Any) -> dict[str, Any]:
-    """{source: 1-D token ids} for each evaluation source, each tokenised once (cached on disk)."""
-    from owlctl.engine.data import token_stream
+def token_streams(data: Sequence[str], split: str, tok: Any, bos: str = "auto") -> dict[str, Any]:
+    """{source: 1-D token ids} for each evaluation source, each tokenised once (cached on disk); ``bos`` as in
+    evaluate_loaded (the streams of "always" carry no special tokens: the windows get the BOS)."""
+    from owlctl.engine.data import resolve_bos, token_stream
 
     if tok is None:
         raise ModelError("the model has no tokenizer, so its perplexity cannot be measured on text",
                          hint="save a tokenizer beside the weights (tokenizer.json / tokenizer_config.json)")
-    return {source: token_stream(source, split, tok) for source in dict.fromkeys(data)}
+    bos = resolve_bos(tok, bos)
+    return {source: token_stream(source, split, tok, bos) for source in dict.fromkeys(data)}
+
+
+def calibration_records(records: dict | None) -> list[dict]:
+    """The calibration blocks a checkpoint records: its prune calibration and its allocation's profile's."""
+    out = []
+    rep = (records or {}).get("report") or {}
+    alloc = (records or {}).get("allocation") or {}
+    for cal in (rep.get("calibration"), (alloc.get("profile") or {}).get("calibration")):
+        if isinstance(cal, dict) and cal not in out:
+            out.append(cal)
+    return out
+
+
+def check_calibration_overlap(calibrations: Sequence[dict], data: Sequence[str], split: str) -> list[dict]:
+    """Refuse (DataError) evaluation text that overlaps recorded calibration text: any paragraph of the
+    evaluation split whose hash is among the calibration fingerprint's (engine.data.text_fingerprint; this
+    catches the same file, a copy, a folder and one of its files, ...). Returns what was checked."""
+    from owlctl.engine.data import fingerprint_overlap, overlap_texts
+    from owlctl.errors import DataError
+
+    checks = []
+    cals = [c for c in calibrations if (c.get("fingerprint") or {}).get("paragraphs")]
+    if not cals:
+        return checks
+    for source in dict.fromkeys(data):
+        docs = overlap_texts(source, split)
+        for cal in cals:
+            checked, hits, examples = fingerprint_overlap(cal["fingerprint"], docs)
+            checks.append({"source": source, "split": split, "calibration_source": cal.get("source"),
+                           "paragraphs_checked": checked, "overlapping": hits})
+            if hits:
+                rule = (cal.get("split") or {}).get("rule", "?")
+                raise DataError(
+                    f"the {split} split of {source} overlaps the calibration text: {hits} of its {checked} "
+                    f"checked paragraphs are calibration paragraphs of {cal.get('source')} (split rule: {rule}), "
+                    f"e.g. {examples[0]!r}",
+                    hint="evaluate on text the model was not calibrated on: another --data, or the "
+                         "validation / test split of the calibration source itself (disjoint by construction)")
+    return checks
 
 
 def _windows_cap(source: str, max_windows: int | None) -> int | None:
@@ -246,12 +321,13 @@ def _windows_cap(source: str, max_windows: int | None) -> int | None:
     return max_windows
 
 
-def _windows_sha256(ids: Any, seqlen: int, cap: int | None) -> str:
+def _windows_sha256(ids: Any, seqlen: int, cap: int | None, bos_id: int | None = None) -> str:
     import torch
 
     from owlctl.engine.perplexity import windows
 
-    return hashlib.sha256(windows(ids, seqlen, cap).to(torch.int64).contiguous().numpy().tobytes()).hexdigest()
+    wins = windows(ids, seqlen, cap, bos_id)
+    return hashlib.sha256(wins.to(torch.int64).contiguous().numpy().tobytes()).hexdigest()
 
 
 def _check_seqlen(model: Any, seqlen: int) -> None:
@@ -267,17 +343,22 @@ def evaluate_loaded(model: Any, tok: Any, *, data: Sequence[str] = ("builtin:wik
                     seqlen: int = 2048, batch_size: int = 1, max_windows: int | None = None, ppl: bool = True,
                     tasks: Sequence[str] | None = None, limit: int | None = None, task_dir: str | None = None,
                     device: str = "cpu", records: dict | None = None, streams: dict | None = None,
-                    progress: Any = None) -> dict:
+                    progress: Any = None, bos: str = "auto") -> dict:
     """Evaluate a model already in memory: {"perplexity": {source: {...}}, "audit": {...}, "zeroshot": {...} |
     None, "seconds": {...}}. ``records`` = {"allocation": doc, "report": doc} for the audit (None: "no
-    allocation recorded"); ``streams`` = {source: token ids} to reuse (e.g. for an identical comparison).
+    allocation recorded"); ``streams`` = {source: token ids} to reuse (e.g. for an identical comparison), made
+    by token_streams with the same ``bos`` (auto | always | never: a BOS per window, see engine/data.py).
     The model is moved to ``device`` for the evaluation and back to where it was afterwards. ``progress``
     None also mutes lm-eval's own progress output."""
     from owlctl.engine.loading import resolve_device
     from owlctl.engine.perplexity import perplexity, windows
 
+    from owlctl.engine.data import resolve_bos
+
     device = resolve_device(device)
     data = (data,) if isinstance(data, str) else tuple(data)
+    bos = resolve_bos(tok, bos) if ppl else bos
+    bos_id = int(tok.bos_token_id) if ppl and bos == "always" else None
     if split not in SPLITS:
         raise InputError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
     if ppl:
@@ -290,11 +371,11 @@ def evaluate_loaded(model: Any, tok: Any, *, data: Sequence[str] = ("builtin:wik
     seconds: dict[str, float] = {}
     if ppl and streams is None:
         t0 = time.perf_counter()
-        streams = token_streams(data, split, tok)
+        streams = token_streams(data, split, tok, bos)
         seconds["tokenize"] = round(time.perf_counter() - t0, 3)
     if ppl:
         for source, ids in streams.items():
-            windows(ids, seqlen, _windows_cap(source, max_windows))  # too-short corpus: fail before any work
+            windows(ids, seqlen, _windows_cap(source, max_windows), bos_id)  # too-short corpus: fail before work
     t0 = time.perf_counter()
     audit = audit_sparsity(model, records)
     seconds["audit"] = round(time.perf_counter() - t0, 3)
@@ -308,9 +389,9 @@ def evaluate_loaded(model: Any, tok: Any, *, data: Sequence[str] = ("builtin:wik
         for source, ids in (streams.items() if ppl else ()):
             cap = _windows_cap(source, max_windows)
             res = perplexity(model, ids, seqlen, batch_size=batch_size, max_windows=cap, device=device,
-                             progress=progress, description=f"ppl {source}")
+                             progress=progress, description=f"ppl {source}", bos_id=bos_id)
             results[source] = {"source": source, "split": split, **res, "stream_tokens": int(ids.numel()),
-                               "windows_sha256": _windows_sha256(ids, seqlen, cap)}
+                               "windows_sha256": _windows_sha256(ids, seqlen, cap, bos_id)}
         if ppl:
             seconds["perplexity"] = round(time.perf_counter() - t0, 3)
         zs = None
@@ -394,21 +475,30 @@ def evaluate(cfg: EvalConfig, progress: Any = None) -> dict:
     if cfg.ppl:
         check_seqlen(seqlen, config, cfg.model)  # before tokenising (wikitext2 / c4 may have to be downloaded)
     device = resolve_device(cfg.device)
-    streams = None
+    streams, bos = None, None
+    overlap: list[dict] = []
     if cfg.ppl:
+        from owlctl.engine.perplexity import windows
+        from owlctl.formats.checkpoint import read_checkpoint_records
+        from owlctl.ops.common import resolve_bos
+
         tok0 = load_tokenizer(local_dir(cfg.model)[0])
         if cfg.compare is not None:
             _check_compare_tokenizer(cfg, tok0)  # before the first (possibly long) evaluation
-        streams = token_streams(data, cfg.split, tok0)
+        bos = resolve_bos(tok0, cfg.bos)
+        cals = calibration_records(read_checkpoint_records(local_dir(cfg.model)[0]))
+        if cfg.compare is not None:
+            cals += calibration_records(read_checkpoint_records(local_dir(cfg.compare)[0]))
+        overlap = check_calibration_overlap(cals, data, cfg.split)  # refuses before any forward pass
+        streams = token_streams(data, cfg.split, tok0, bos)
         for source, ids in streams.items():  # too-short corpus: fail before the weights are read
-            from owlctl.engine.perplexity import windows
-
-            windows(ids, seqlen, _windows_cap(source, cfg.max_windows))
+            windows(ids, seqlen, _windows_cap(source, cfg.max_windows),
+                    bos_id=tok0.bos_token_id if bos == "always" else None)
     model, tok, records, desc = _load(cfg.model, cfg.dtype)
     t_load = time.perf_counter() - t_start
     kw = dict(split=cfg.split, seqlen=seqlen, batch_size=cfg.batch_size, max_windows=cfg.max_windows,
               ppl=cfg.ppl, tasks=tasks, limit=cfg.limit, task_dir=cfg.task_dir, device=device, streams=streams,
-              progress=progress)
+              progress=progress, bos=bos or cfg.bos)
     res = evaluate_loaded(model, tok, data=data, records=records, **kw)
     compare = None
     if cfg.compare is not None:
@@ -430,7 +520,12 @@ def evaluate(cfg: EvalConfig, progress: Any = None) -> dict:
     return {**header("eval"), "created": now(), "model": desc,
             "settings": {"data": list(data), "split": cfg.split, "seqlen": seqlen, "batch_size": cfg.batch_size,
                          "max_windows": cfg.max_windows, "device": device, "dtype": cfg.dtype,
-                         "protocol": "reference (SPEC 7.1): floor(n/seqlen) non-overlapping windows, remainder "
-                                     "dropped, fp32 cross-entropy, ppl = exp(mean window CE)"},
+                         "bos": bos, "bos_requested": cfg.bos,
+                         "protocol": ("reference (SPEC 7.1): floor(n/seqlen) non-overlapping windows, remainder "
+                                      "dropped, fp32 cross-entropy, ppl = exp(mean window CE)" if bos != "always"
+                                      else "SPEC 7.1 with a BOS per window: [BOS] + seqlen-1 stream tokens, "
+                                           "floor(n/(seqlen-1)) windows, remainder dropped, fp32 cross-entropy, "
+                                           "ppl = exp(mean window CE)"),
+                         "calibration_overlap": overlap},
             "perplexity": res["perplexity"], "audit": res["audit"], "zeroshot": res["zeroshot"],
             "compare": compare, "seconds": seconds}

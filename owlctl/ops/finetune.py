@@ -242,7 +242,7 @@ def _finetune(cfg: FinetuneConfig, ckpt: Path, output: Path, records: dict, stat
     from accelerate.utils import GradientAccumulationPlugin, set_seed
 
     from owlctl.engine import lora
-    from owlctl.engine.loading import BUILTIN_MODEL
+    from owlctl.engine.loading import is_builtin
     from owlctl.ops.common import peak_rss_mb
 
     t_start = time.perf_counter()
@@ -268,7 +268,7 @@ def _finetune(cfg: FinetuneConfig, ckpt: Path, output: Path, records: dict, stat
 
     # -- data
     t0 = time.perf_counter()
-    builtin = info.id == BUILTIN_MODEL
+    builtin = is_builtin(info.id)
     source = cfg.data or ("builtin:wiki" if builtin else "c4")
     n_eval = cfg.eval_windows if cfg.eval_windows is not None else (
         BUILTIN_EVAL_WINDOWS if builtin else DEFAULT_EVAL_WINDOWS)

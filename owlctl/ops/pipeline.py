@@ -60,10 +60,11 @@ def _plan(cfg: PipelineConfig) -> _Plan:
     from owlctl.ops.checks import check_owl_knobs, check_seqlen, context_length
     from owlctl.ops.common import calib_defaults
     from owlctl.ops.evaluate import eval_defaults
-    from owlctl.options import Method, Split, check_choice, check_device
+    from owlctl.options import Bos, Method, Split, check_choice, check_device
 
     check_choice("--method", cfg.method, Method)
     check_choice("--eval-split", cfg.eval_split, Split)
+    check_choice("--bos", cfg.bos, Bos)
     check_device(cfg.device)
     check_owl_knobs(cfg.outlier_m, cfg.lam)
     if not (isinstance(cfg.target_sparsity, (int, float)) and 0.0 < cfg.target_sparsity < 1.0):
@@ -107,16 +108,18 @@ def _run(cfg: PipelineConfig, plan: _Plan, progress: Any, say: Any, claim: Any) 
     from owlctl.families import resolve
     from owlctl.formats._io import header
     from owlctl.ops.allocate import allocation_from_profile, uniform_allocation
-    from owlctl.ops.common import now, peak_rss_mb
-    from owlctl.ops.evaluate import token_streams
+    from owlctl.ops.common import now, peak_rss_mb, resolve_bos
+    from owlctl.ops.evaluate import check_calibration_overlap, token_streams
     from owlctl.ops.profile import profile_model
 
     device = resolve_device(cfg.device)
     t_start = time.perf_counter()
     seconds: dict[str, float] = {}
     tok = load_tokenizer(local_dir(cfg.model)[0])
-    streams = token_streams(plan.data, cfg.eval_split, tok)  # bad data fails before the weights are read
-    calib = calibration(plan.source, tok, plan.nsamples, plan.seqlen, cfg.seed)
+    bos = resolve_bos(tok, cfg.bos)
+    streams = token_streams(plan.data, cfg.eval_split, tok, bos)  # bad data fails before the weights are read
+    calib = calibration(plan.source, tok, plan.nsamples, plan.seqlen, cfg.seed, bos=bos, bos_requested=cfg.bos)
+    overlap = check_calibration_overlap([calib.as_dict()], plan.data, cfg.eval_split)
     base, tok, info = load_model(cfg.model, cfg.dtype)
     layout = resolve(base)
     seconds["load"] = round(time.perf_counter() - t_start, 2)
@@ -132,7 +135,7 @@ def _run(cfg: PipelineConfig, plan: _Plan, progress: Any, say: Any, claim: Any) 
         "owl": allocation_from_profile(prof, None, None, target_sparsity=cfg.target_sparsity,
                                        outlier_m=cfg.outlier_m, lam=cfg.lam),
     }
-    ctx = _Context(cfg, plan, tok, info, model_dict, calib, streams, device, progress, say, seconds, claim)
+    ctx = _Context(cfg, plan, tok, info, model_dict, calib, streams, bos, device, progress, say, seconds, claim)
     rows = [ctx.evaluate(base, "dense", None)]
     checkpoints: dict[str, str] = {}
     for label, alloc in allocs.items():
@@ -142,7 +145,8 @@ def _run(cfg: PipelineConfig, plan: _Plan, progress: Any, say: Any, claim: Any) 
            "target_sparsity": cfg.target_sparsity, "outlier_m": cfg.outlier_m, "lambda": cfg.lam,
            "calibration": calib.as_dict(),
            "evaluation": {"data": list(plan.data), "split": cfg.eval_split, "seqlen": plan.eval_seqlen,
-                          "max_windows": plan.max_windows},
+                          "max_windows": plan.max_windows, "bos": bos, "bos_requested": cfg.bos,
+                          "calibration_overlap": overlap},
            "results": rows, "owl_block_sparsity": [b["sparsity"] for b in allocs["owl"]["blocks"]],
            "outlier_pct": [b["outlier_pct"] for b in allocs["owl"]["blocks"]],
            "checkpoints": checkpoints, "seconds": seconds, "peak_rss_mb": round(peak_rss_mb(), 1),
@@ -162,6 +166,7 @@ class _Context:
     model_dict: dict
     calib: Any
     streams: dict
+    bos: str
     device: str
     progress: Any
     say: Any
@@ -176,7 +181,7 @@ class _Context:
         self.say(f"evaluating {label} on {', '.join(p.data)} ({self.cfg.eval_split} split, seqlen {p.eval_seqlen})")
         res = evaluate_loaded(model, self.tok, data=p.data, split=self.cfg.eval_split, seqlen=p.eval_seqlen,
                               batch_size=self.cfg.batch_size, max_windows=p.max_windows, device=self.device,
-                              streams=self.streams, progress=self.progress)
+                              streams=self.streams, progress=self.progress, bos=self.bos)
         self.seconds[f"eval_{label}"] = round(time.perf_counter() - t, 2)
         ppl = res["perplexity"]
         sp = [b["sparsity"] for b in blocks] if blocks else [0.0]
@@ -185,6 +190,7 @@ class _Context:
                 "perplexity": {k: v["ppl"] for k, v in ppl.items()},
                 "windows": {k: v["windows"] for k, v in ppl.items()},
                 "realised_sparsity": sum(b["zeros"] for b in blocks) / total if blocks else 0.0,
+                "preexisting_sparsity": sum(b["preexisting_zeros"] for b in blocks) / total if blocks else None,
                 "block_sparsity_min": min(sp), "block_sparsity_max": max(sp),
                 "prune_seconds": self.seconds.get(f"prune_{label}", 0.0)}
 
@@ -204,8 +210,9 @@ class _Context:
             from owlctl.formats.checkpoint import report_doc, save_checkpoint
 
             name = f"{self.cfg.method}-{label}"
-            save_checkpoint(model, self.tok, self.claim.tmp / name, force=False, allocation=alloc,
-                            report=report_doc(self.model_dict, self.cfg.method, alloc["pattern"], blocks, {}),
+            report = report_doc(self.model_dict, self.cfg.method, alloc["pattern"], blocks, {})
+            report["calibration"] = self.calib.as_dict()  # so `owlctl eval` can refuse overlapping text
+            save_checkpoint(model, self.tok, self.claim.tmp / name, force=False, allocation=alloc, report=report,
                             source={"id": self.info.id, "content_sha256": self.info.content_sha256,
                                     "method": self.cfg.method})
             checkpoints[label] = str(Path(self.cfg.output) / name)

@@ -72,7 +72,7 @@ def profile(cfg: ProfileConfig, progress: Any = None) -> dict:
     from owlctl.engine.loading import model_config
     from owlctl.ops.checks import check_seqlen, context_length, model_inputs
     from owlctl.ops.common import calib_defaults, output_claim
-    from owlctl.options import check_device, finite
+    from owlctl.options import Bos, check_choice, check_device, finite
 
     ms = tuple(sorted(set(cfg.outlier_m)))
     if not ms:
@@ -82,6 +82,7 @@ def profile(cfg: ProfileConfig, progress: Any = None) -> dict:
     if cfg.batch_size < 1:
         raise InputError("--batch-size must be >= 1")
     check_device(cfg.device)
+    check_choice("--bos", cfg.bos, Bos)
     t0 = time.perf_counter()
     config, _ = model_config(cfg.model)
     source, nsamples, seqlen = calib_defaults(cfg.model, cfg.calib, cfg.nsamples, cfg.seqlen,
@@ -90,11 +91,13 @@ def profile(cfg: ProfileConfig, progress: Any = None) -> dict:
     with output_claim(cfg.output, cfg.force, "file", inputs=model_inputs(cfg.model)) as claim:
         from owlctl.engine.data import calibration
         from owlctl.engine.loading import load_model, load_tokenizer, local_dir, resolve_device
-        from owlctl.ops.common import peak_rss_mb
+        from owlctl.ops.common import peak_rss_mb, resolve_bos
 
         device = resolve_device(cfg.device)
         path, _ = local_dir(cfg.model)
-        calib = calibration(source, load_tokenizer(path), nsamples, seqlen, cfg.seed)  # before any weight
+        tok0 = load_tokenizer(path)
+        calib = calibration(source, tok0, nsamples, seqlen, cfg.seed, bos=resolve_bos(tok0, cfg.bos),
+                            bos_requested=cfg.bos)  # before any weight
         model, tok, info = load_model(cfg.model, cfg.dtype)
         t_load = time.perf_counter() - t0
         doc, timings = profile_model(model, tok, info, calib, outlier_m=ms, device=device,

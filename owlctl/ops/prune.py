@@ -46,12 +46,13 @@ class PruneConfig(ComputeOptions, CalibrationOptions):
 
 def _validate(cfg: PruneConfig) -> None:
     from owlctl.ops.checks import check_owl_knobs, prune_pattern
-    from owlctl.options import Balance, Clamp, Method, WandaGroup, check_choice, check_device, finite
+    from owlctl.options import Balance, Bos, Clamp, Method, WandaGroup, check_choice, check_device, finite
 
     check_choice("--method", cfg.method, Method)
     check_choice("--balance", cfg.balance, Balance)
     check_choice("--clamp", cfg.clamp, Clamp)
     check_choice("--wanda-group", cfg.wanda_group, WandaGroup)
+    check_choice("--bos", cfg.bos, Bos)
     check_device(cfg.device)
     chosen = [x for x in (cfg.allocation is not None, cfg.from_profile is not None, cfg.uniform) if x]
     if len(chosen) != 1:
@@ -164,6 +165,7 @@ def prune_model(model: Any, layout: Any, alloc: dict, method: str, opts: Any, ca
         mats = []
         for name, lin in linears.items():
             w = lin.weight
+            before = w == 0  # zeros the weights already had (e.g. dequantised GGUF weights)
             kw: dict = {}
             if "act_norm" in needs:
                 kw["act_sq_norm"] = stats[name].act_sq_norm()
@@ -174,18 +176,24 @@ def prune_model(model: Any, layout: Any, alloc: dict, method: str, opts: Any, ca
             else:
                 new_w, mask = prune_weight(method, w.detach(), sparsity=sparsity, options=opts, **kw)
             w.data.copy_(new_w)
-            mats.append((name, tuple(w.shape), mask.sum(), (w == 0).sum()))
-        counts = torch.stack([torch.stack([m[2], m[3]]) for m in mats]).tolist()
+            mask = mask.bool()
+            mats.append((name, tuple(w.shape), torch.stack([mask.sum(), (w == 0).sum(), before.sum(),
+                                                            (mask & ~before).sum()])))
+        counts = torch.stack([m[2] for m in mats]).tolist()  # one device sync per block
         linear_rows = []
-        for (name, shape, _m, _z), (masked, zeros) in zip(mats, counts):
+        for (name, shape, _c), (masked, zeros, pre, newly) in zip(mats, counts):
             numel = shape[0] * shape[1]
             linear_rows.append({"name": name, "shape": list(shape), "numel": numel, "pruned": int(masked),
-                                "zeros": int(zeros), "sparsity": zeros / numel,
+                                "zeros": int(zeros), "sparsity": zeros / numel, "preexisting_zeros": int(pre),
+                                "newly_zeroed": int(newly),
                                 "expected_pruned": expected_pruned(method, shape, sparsity, nm, opts)})
         numel = sum(r["numel"] for r in linear_rows)
         zeros = sum(r["zeros"] for r in linear_rows)
         rows.append({"index": i, "name": layout.block_name(i), "numel": numel, "zeros": zeros,
                      "sparsity": zeros / numel,
+                     "pruned": sum(r["pruned"] for r in linear_rows),
+                     "preexisting_zeros": sum(r["preexisting_zeros"] for r in linear_rows),
+                     "newly_zeroed": sum(r["newly_zeroed"] for r in linear_rows),
                      "target_sparsity": sparsity if nm is None else 1 - nm[0] / nm[1],
                      "n_keep": None if nm is None else nm[0], "linears": linear_rows})
 
@@ -245,7 +253,7 @@ def _prune_claimed(cfg: PruneConfig, claim: Any, early: dict | None, calib_args:
     from owlctl.engine.loading import load_model, load_tokenizer, local_dir, resolve_device
     from owlctl.families import resolve
     from owlctl.formats.checkpoint import report_doc, save_checkpoint
-    from owlctl.ops.common import model_bytes, peak_rss_mb
+    from owlctl.ops.common import model_bytes, peak_rss_mb, resolve_bos, warn
 
     output = Path(cfg.output) if cfg.output is not None else None
     device = resolve_device(cfg.device)
@@ -254,7 +262,12 @@ def _prune_claimed(cfg: PruneConfig, claim: Any, early: dict | None, calib_args:
     calib = None
     t0 = time.perf_counter()
     if calib_args is not None:  # tokens before weights: a bad corpus fails before a long load
-        calib = calibration(calib_args[0], load_tokenizer(local_dir(cfg.model)[0]), *calib_args[1:], cfg.seed)
+        tok0 = load_tokenizer(local_dir(cfg.model)[0])
+        bos = resolve_bos(tok0, cfg.bos)
+        prof_bos = (((early or {}).get("profile") or {}).get("calibration") or {}).get("bos")
+        if prof_bos is not None and prof_bos != bos:
+            warn(f"the profile was calibrated with --bos {prof_bos}, this pruning run calibrates with --bos {bos}")
+        calib = calibration(calib_args[0], tok0, *calib_args[1:], cfg.seed, bos=bos, bos_requested=cfg.bos)
     t_calib = time.perf_counter() - t0
     t0 = time.perf_counter()
     model, tok, info = load_model(cfg.model, cfg.dtype)
@@ -283,7 +296,8 @@ def _prune_claimed(cfg: PruneConfig, claim: Any, early: dict | None, calib_args:
             "allocation": alloc["params"]["allocator"], "pattern": alloc["pattern"],
             "target_sparsity": alloc["achieved"].get("target_sparsity"),
             "allocated_sparsity": alloc["achieved"]["param_weighted_sparsity"],
-            "realised_sparsity": report["realised_sparsity"], "mask_mismatches": len(mismatched),
+            "realised_sparsity": report["realised_sparsity"], "pruned_sparsity": report["pruned_sparsity"],
+            "preexisting_sparsity": report["preexisting_sparsity"], "mask_mismatches": len(mismatched),
             "blocks": [{"index": b["index"], "target": b["target_sparsity"], "realised": b["sparsity"]} for b in rows],
             "seconds": seconds, "peak_rss_mb": round(peak_rss_mb(), 1),
             "model_mb": round(model_bytes(model) / 2**20, 1), "model": model_dict,

