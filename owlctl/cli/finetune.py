@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import warnings
-from contextlib import contextmanager
-from typing import Any, Iterator, Optional
+from typing import Optional
 
 import typer
 
@@ -27,25 +25,6 @@ Examples:
   owlctl finetune owl70 -o owl70-ft --keep-sparsity masked-lora --targets all-linear --data c4 --epochs 1
   accelerate launch -m owlctl finetune owl70 -o owl70-ft --batch-size 4 --json > ft.json
 """
-
-
-@contextmanager
-def _warnings_to_stderr() -> Iterator[None]:
-    """Show owlctl's finetune warnings as `warning: ...` lines while the command runs."""
-    from owlctl.ops.finetune import FinetuneWarning
-
-    previous = warnings.showwarning
-
-    def show(message: Any, category: type, filename: str, lineno: int, file: Any = None, line: Any = None) -> None:
-        if issubclass(category, FinetuneWarning):
-            console.warn(str(message))
-        else:
-            previous(message, category, filename, lineno, file, line)
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("always", FinetuneWarning)
-        warnings.showwarning = show
-        yield
 
 
 def _fmt(x: Optional[float], spec: str = ".4f") -> str:
@@ -96,8 +75,7 @@ def render_summary(res: dict) -> None:
 def _body(cfg, json_out: bool, quiet: bool) -> None:
     from owlctl.ops.finetune import finetune
 
-    with _warnings_to_stderr():
-        res = finetune(cfg, progress=console.Progress())
+    res = finetune(cfg, progress=console.Progress())  # its warnings are OwlctlWarnings (shown by the CLI)
     if not res["_main"]:  # other accelerate processes: the main one reports
         return
     res = {k: v for k, v in res.items() if not k.startswith("_")}

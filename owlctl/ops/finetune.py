@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from owlctl.errors import DataError, InputError, ModelError
+from owlctl.errors import DataError, InputError, ModelError, OwlctlWarning
 from owlctl.options import (DTYPE, FORCE, OUTPUT, FinetuneDevice, KeepSparsity, MixedPrecision, arg, opt)
 
 KEEP_MODES = ("merge-mask", "masked-lora")
@@ -27,7 +27,7 @@ DEFAULT_EVAL_WINDOWS = 128  # the reference's max_eval_samples
 BUILTIN_EVAL_WINDOWS = 16  # what a 2-core CPU evaluates in seconds
 
 
-class FinetuneWarning(UserWarning):
+class FinetuneWarning(OwlctlWarning):
     """Something the user should know that does not stop the run (the CLI prints it on stderr)."""
 
 
