@@ -24,7 +24,7 @@ def main() -> int:
     from safetensors.torch import load_file
 
     from owlctl.engine import packed
-    from owlctl.engine.loading import cache_dir
+    from owlctl.engine.models import cache_dir
     from owlctl.engine.deepsparse_host import cpu_info
     from owlctl.ops.export import ExportConfig, export
 

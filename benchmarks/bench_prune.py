@@ -44,10 +44,10 @@ def main() -> None:
     torch.set_num_threads(2)
     from owlctl.core.methods import MethodOptions, wanda_scores
     from owlctl.core.outliers import block_outliers
-    from owlctl.engine import data as data_mod
+    from owlctl.engine.data import tokens as data_mod
     from owlctl.engine.data import calibration
     from owlctl.engine.driver import run_blocks
-    from owlctl.engine.loading import load_model
+    from owlctl.engine.models import load_model
     from owlctl.families import resolve
     from owlctl.ops.allocate import allocation_from_profile
     from owlctl.ops.profile import profile_model
@@ -88,18 +88,16 @@ def main() -> None:
     t0 = time.perf_counter()
 
     def load_uncached():
-        orig = data_mod.token_stream
+        orig = data_mod._stream
 
-        def fresh(source, split, tk):  # bypass owlctl's token cache, as the reference re-tokenises
-            docs, joiner = data_mod.documents(source, split)
-            text = "\n\n".join(docs)
+        def fresh(text, tk, bos, what=""):  # bypass owlctl's token cache, as the reference re-tokenises
             return tk(text, return_tensors="pt").input_ids[0]
 
-        data_mod.token_stream = fresh
+        data_mod._stream = fresh
         try:
             return calibration("builtin:wiki", tok, args.nsamples, args.seqlen, 0)
         finally:
-            data_mod.token_stream = orig
+            data_mod._stream = orig
 
     t_a = time.perf_counter()
     calib1 = load_uncached()

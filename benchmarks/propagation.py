@@ -105,7 +105,7 @@ def main() -> None:
     import torch
 
     from owlctl.engine.data import resolve_bos
-    from owlctl.engine.loading import load_model
+    from owlctl.engine.models import load_model
     from owlctl.engine.perplexity import windows
     from owlctl.families import resolve
     from owlctl.ops.evaluate import token_streams

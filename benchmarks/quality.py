@@ -43,7 +43,7 @@ def main() -> None:
 
     from owlctl.core.methods import MethodOptions
     from owlctl.engine.data import calibration, resolve_bos
-    from owlctl.engine.loading import load_model
+    from owlctl.engine.models import load_model
     from owlctl.families import resolve
     from owlctl.ops.allocate import allocation_from_profile, uniform_allocation
     from owlctl.ops.evaluate import evaluate_loaded, token_streams

@@ -22,7 +22,7 @@ MODEL = "builtin:gemma3-270m"
 
 @pytest.fixture(scope="module")
 def gemma():
-    from owlctl.engine.loading import load_model
+    from owlctl.engine.models import load_model
 
     model, tok, info = load_model(MODEL)
     return model, tok, info

@@ -40,7 +40,7 @@ def cpu_info() -> dict:
 
 
 def deepsparse_venv() -> Path:
-    from owlctl.engine.loading import cache_dir
+    from owlctl.engine.models import cache_dir
 
     return cache_dir() / "deepsparse-venv"
 
@@ -72,7 +72,7 @@ def deepsparse_python(explicit: str | Path | None = None) -> Path:
     if marker is None:
         raise ModelError(f"the DeepSparse venv at {venv} is incomplete (an interrupted setup, or made by an older "
                          "owlctl)", hint=SETUP_HINT)
-    from owlctl.engine.loading import cache_dir
+    from owlctl.engine.models import cache_dir
 
     # the venv, its bin/ and marker private to this user; the interpreter the one recorded at setup
     for p in (venv / SETUP_MARKER, venv / "bin"):

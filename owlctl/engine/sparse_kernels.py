@@ -216,7 +216,7 @@ def kernel_library(required: bool = True) -> Any:
     global _lib
     if _lib is not None:
         return _lib
-    from owlctl.engine.loading import cache_dir
+    from owlctl.engine.models import cache_dir
 
     cc = _compiler()
     if cc is None:

@@ -120,13 +120,13 @@ def _summarise(runs: list[dict], batch: int, prompt_len: int) -> tuple[dict, dic
 
 
 def _model_dir(spec: str) -> Path:
-    from owlctl.engine.loading import local_dir
+    from owlctl.engine.models import local_dir
 
     return local_dir(spec)[0]
 
 
 def _check_context(spec: str, cfg: BenchConfig) -> dict:
-    from owlctl.engine.loading import model_config
+    from owlctl.engine.models import model_config
     from owlctl.ops.checks import context_length
 
     config, _ = model_config(spec)
@@ -241,7 +241,7 @@ def _timed_runs(fn: Callable[[], dict], cfg: BenchConfig, task: Any, label: str)
 def _row_torch(spec: str, cfg: BenchConfig, prompt: Any, kernel: str | None, task: Any, label: str) -> dict:
     import torch
 
-    from owlctl.engine.loading import load_model
+    from owlctl.engine.models import load_model
 
     _settle_memory()
     rss0 = _rss_mb()
@@ -304,7 +304,7 @@ def onnx_dir_for(spec: str, progress: Any = None) -> Path:
     """An ONNX export (KV cache) of ``spec``: the directory itself if it is one, else a cached export."""
     import hashlib
 
-    from owlctl.engine.loading import cache_dir, content_hash
+    from owlctl.engine.models import cache_dir, content_hash
     from owlctl.ops.export import ExportConfig, export, is_onnx_export
 
     if is_onnx_export(spec):
@@ -321,7 +321,7 @@ def _reference_logits(spec: str, prompt: Any, cfg: BenchConfig) -> tuple[Any, fl
     """Dense PyTorch logits of the last prompt position (row 0), the prunable sparsity, and the model info."""
     import torch
 
-    from owlctl.engine.loading import load_model
+    from owlctl.engine.models import load_model
 
     model, _tok, info = load_model(spec, cfg.dtype)
     with torch.inference_mode():
@@ -431,7 +431,7 @@ def bench(cfg: BenchConfig, progress: Any = None) -> dict:
 
     import torch
 
-    from owlctl.engine.loading import resolve_device
+    from owlctl.engine.models import resolve_device
     from owlctl.formats._io import header
     from owlctl.ops.common import now
 

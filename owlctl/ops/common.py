@@ -6,7 +6,7 @@ import datetime as _dt
 import warnings
 from typing import Any
 
-from owlctl.engine.loading import is_builtin
+from owlctl.engine.models import is_builtin
 from owlctl.errors import OwlctlWarning
 
 # The reference protocol is 128 x 2048 tokens of C4; the built-in models default to what fits this 2-core box.

@@ -76,7 +76,7 @@ def eval_defaults(model_id: str, data: Sequence[str] | None = None, seqlen: int 
                   context: int | None = None) -> tuple[tuple[str, ...], int]:
     """(data sources, seqlen) for a model id (a checkpoint reports the id it was pruned from); the default
     seqlen is capped at the model's ``context``."""
-    from owlctl.engine.loading import is_builtin
+    from owlctl.engine.models import is_builtin
 
     base = BUILTIN_EVAL if is_builtin(model_id) else DEFAULT_EVAL
     if seqlen is None:
@@ -104,10 +104,6 @@ def _validate(cfg: EvalConfig) -> None:
     if cfg.split not in SPLITS:
         hint = "calibration text is never used for evaluation" if cfg.split == "calib" else None
         raise InputError(f"--split must be one of {', '.join(SPLITS)}, got {cfg.split!r}", hint=hint)
-    from owlctl.engine.data import BOS_CHOICES
-
-    if cfg.bos not in BOS_CHOICES:
-        raise InputError(f"--bos must be one of {', '.join(BOS_CHOICES)}, got {cfg.bos!r}")
     if cfg.seqlen is not None and cfg.seqlen < 2:
         raise InputError(f"--seqlen must be >= 2, got {cfg.seqlen}")
     if cfg.batch_size < 1:
@@ -350,7 +346,7 @@ def evaluate_loaded(model: Any, tok: Any, *, data: Sequence[str] = ("builtin:wik
     by token_streams with the same ``bos`` (auto | always | never: a BOS per window, see engine/data.py).
     The model is moved to ``device`` for the evaluation and back to where it was afterwards. ``progress``
     None also mutes lm-eval's own progress output."""
-    from owlctl.engine.loading import resolve_device
+    from owlctl.engine.models import resolve_device
     from owlctl.engine.perplexity import perplexity, windows
 
     from owlctl.engine.data import resolve_bos
@@ -410,7 +406,7 @@ def evaluate_loaded(model: Any, tok: Any, *, data: Sequence[str] = ("builtin:wik
 
 # ---------------------------------------------------------------------------------------- evaluate
 def _load(spec: str, dtype: str) -> tuple[Any, Any, Any, dict]:
-    from owlctl.engine.loading import load_model
+    from owlctl.engine.models import load_model
     from owlctl.formats.checkpoint import read_checkpoint_records
 
     model, tok, info = load_model(spec, dtype)
@@ -430,7 +426,7 @@ def _same_tokenizer(a: Any, b: Any) -> bool:
 def _check_compare_tokenizer(cfg: EvalConfig, tok: Any) -> None:
     from transformers import AutoTokenizer
 
-    from owlctl.engine.loading import local_dir
+    from owlctl.engine.models import local_dir
 
     path, _ = local_dir(cfg.compare)
     try:
@@ -458,7 +454,7 @@ def _same_device(a: Any, b: Any) -> bool:
 def evaluate(cfg: EvalConfig, progress: Any = None) -> dict:
     """Load ``cfg.model`` (and ``cfg.compare``), evaluate, and return one owlctl.eval/1 document.
     The window length, the data and the zero-shot tasks are checked before any weight is read."""
-    from owlctl.engine.loading import load_tokenizer, local_dir, model_config, origin_id, resolve_device
+    from owlctl.engine.models import load_tokenizer, local_dir, model_config, origin_id, resolve_device
     from owlctl.formats._io import header
     from owlctl.ops.checks import check_seqlen, context_length
     from owlctl.ops.common import now

@@ -73,7 +73,7 @@ def _validate(cfg: ExportConfig) -> None:
 
 def export(cfg: ExportConfig, progress: Any = None) -> dict:
     """Write ``cfg.output`` (a directory, atomically) and return the export document."""
-    from owlctl.engine.loading import model_config
+    from owlctl.engine.models import model_config
     from owlctl.formats.checkpoint import checkpoint_writer
     from owlctl.ops.checks import model_inputs
     from owlctl.ops.common import output_claim
@@ -87,7 +87,7 @@ def export(cfg: ExportConfig, progress: Any = None) -> dict:
     t0 = time.perf_counter()
     ctx = progress.task(f"export {cfg.format}", total=2) if progress is not None else nullcontext(None)
     with output_claim(out, cfg.force, "dir", inputs=model_inputs(cfg.checkpoint)) as claim, ctx as task:
-        from owlctl.engine.loading import load_model
+        from owlctl.engine.models import load_model
 
         model, tok, info = load_model(cfg.checkpoint, cfg.dtype)
         if task is not None:

@@ -178,7 +178,7 @@ def _load_checked(cfg: FinetuneConfig, ckpt: Path, records: dict, warn: Any) -> 
     """Load the checkpoint and find everything that can be wrong before any training:
     (model, tokenizer, info, layout, targets, zero counts per prunable Linear)."""
     from owlctl.engine import lora
-    from owlctl.engine.loading import load_model
+    from owlctl.engine.models import load_model
     from owlctl.families import resolve
 
     model, tok, info = load_model(str(ckpt), cfg.dtype)
@@ -223,7 +223,7 @@ def finetune(cfg: FinetuneConfig, progress: Any = None) -> dict:
                          hint="pip install 'owlctl[finetune]'   (peft and accelerate)") from None
     from accelerate import PartialState
 
-    from owlctl.engine.loading import resolve_device
+    from owlctl.engine.models import resolve_device
 
     if cfg.device == "cuda":
         resolve_device("cuda")
@@ -242,7 +242,7 @@ def _finetune(cfg: FinetuneConfig, ckpt: Path, output: Path, records: dict, stat
     from accelerate.utils import GradientAccumulationPlugin, set_seed
 
     from owlctl.engine import lora
-    from owlctl.engine.loading import is_builtin
+    from owlctl.engine.models import is_builtin
     from owlctl.ops.common import peak_rss_mb
 
     t_start = time.perf_counter()

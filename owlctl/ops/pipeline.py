@@ -56,7 +56,7 @@ class _Plan:
 
 def _plan(cfg: PipelineConfig) -> _Plan:
     """Every check that needs no weights: options, the model's config.json (context), data defaults."""
-    from owlctl.engine.loading import BUILTIN_MODEL, model_config
+    from owlctl.engine.models import BUILTIN_MODEL, model_config
     from owlctl.ops.checks import check_owl_knobs, check_seqlen, context_length
     from owlctl.ops.common import calib_defaults
     from owlctl.ops.evaluate import eval_defaults
@@ -104,7 +104,7 @@ def pipeline(cfg: PipelineConfig, progress: Any = None, log: Any = None) -> dict
 
 def _run(cfg: PipelineConfig, plan: _Plan, progress: Any, say: Any, claim: Any) -> tuple[dict, dict]:
     from owlctl.engine.data import calibration
-    from owlctl.engine.loading import load_model, load_tokenizer, local_dir, resolve_device
+    from owlctl.engine.models import load_model, load_tokenizer, local_dir, resolve_device
     from owlctl.families import resolve
     from owlctl.formats._io import header
     from owlctl.ops.allocate import allocation_from_profile, uniform_allocation

@@ -69,7 +69,7 @@ def profile_model(model: Any, tok: Any, info: Any, calib: Any, *, outlier_m: tup
 def profile(cfg: ProfileConfig, progress: Any = None) -> dict:
     """Load the model and calibration data, profile, and write the profile JSON (when ``output`` is set).
     Returns a summary document (``owlctl.profile/1`` document under "profile", plus timings)."""
-    from owlctl.engine.loading import model_config
+    from owlctl.engine.models import model_config
     from owlctl.ops.checks import check_seqlen, context_length, model_inputs
     from owlctl.ops.common import calib_defaults, output_claim
     from owlctl.options import Bos, check_choice, check_device, finite
@@ -90,7 +90,7 @@ def profile(cfg: ProfileConfig, progress: Any = None) -> dict:
     check_seqlen(seqlen, config, cfg.model)
     with output_claim(cfg.output, cfg.force, "file", inputs=model_inputs(cfg.model)) as claim:
         from owlctl.engine.data import calibration
-        from owlctl.engine.loading import load_model, load_tokenizer, local_dir, resolve_device
+        from owlctl.engine.models import load_model, load_tokenizer, local_dir, resolve_device
         from owlctl.ops.common import peak_rss_mb, resolve_bos
 
         device = resolve_device(cfg.device)

@@ -223,7 +223,7 @@ def prune(cfg: PruneConfig, progress: Any = None) -> dict:
     Order: every check that needs no weights (options, config.json shapes and context, the profile or
     allocation against the model, the output location), then the calibration tokens, then the weights."""
     from owlctl.core.methods import get
-    from owlctl.engine.loading import model_config
+    from owlctl.engine.models import model_config
     from owlctl.ops.checks import check_pattern_fits, check_seqlen, context_length, model_inputs, prune_pattern
     from owlctl.ops.common import calib_defaults, output_claim, weights_bytes
 
@@ -250,7 +250,7 @@ def _prune_claimed(cfg: PruneConfig, claim: Any, early: dict | None, calib_args:
                    t_start: float, progress: Any) -> dict:
     from owlctl.core.methods import MethodOptions
     from owlctl.engine.data import calibration
-    from owlctl.engine.loading import load_model, load_tokenizer, local_dir, resolve_device
+    from owlctl.engine.models import load_model, load_tokenizer, local_dir, resolve_device
     from owlctl.families import resolve
     from owlctl.formats.checkpoint import report_doc, save_checkpoint
     from owlctl.ops.common import model_bytes, peak_rss_mb, resolve_bos, warn

@@ -269,7 +269,7 @@ def test_a_partial_of_a_live_process_is_kept(ctx):
 
 
 def test_builtin_conversion_never_deletes_a_complete_model(tmp_path):
-    from owlctl.engine.loading import _publish
+    from owlctl.engine.models.builtins import _publish
 
     out = tmp_path / "models" / "m"
     out.mkdir(parents=True)

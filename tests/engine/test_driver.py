@@ -98,7 +98,7 @@ def test_hooks_removed_when_decide_raises(tiny_llama, text_file):
 
 
 def test_profile_counts_match_naive_scores(tiny_llama, text_file):
-    from owlctl.engine.loading import load_model
+    from owlctl.engine.models import load_model
     from owlctl.ops.profile import profile_model
 
     model, tok, info = load_model(str(tiny_llama))

@@ -6,7 +6,7 @@ import types
 
 import pytest
 
-from owlctl.engine import loading
+from owlctl.engine import models as loading
 from owlctl.errors import InputError, ModelError
 
 

