@@ -46,12 +46,12 @@ def main() -> None:
     from owlctl.core.outliers import block_outliers
     from owlctl.engine.data import tokens as data_mod
     from owlctl.engine.data import calibration
-    from owlctl.engine.driver import run_blocks
+    from owlctl.engine.calibration.driver import run_blocks
     from owlctl.engine.models import load_model
     from owlctl.families import resolve
     from owlctl.ops.allocate import allocation_from_profile
-    from owlctl.ops.profile import profile_model
-    from owlctl.ops.prune import prune_model
+    from owlctl.engine.calibration.profile import profile_model
+    from owlctl.engine.calibration.prune import prune_model
 
     base, tok, info = load_model("builtin:smollm2-135m")
     rss_model = rss_mb()

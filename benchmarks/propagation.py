@@ -63,7 +63,7 @@ def replay_block0(model, layout, ids, batch_size):
 def owlctl_driver(model, layout, ids, batch_size):
     import torch
 
-    from owlctl.engine.driver import run_blocks
+    from owlctl.engine.calibration.driver import run_blocks
 
     outs = {i: [] for i in range(layout.num_blocks)}
     hooks = [b.register_forward_hook(lambda _m, _a, o, i=i: outs[i].append(o[0] if isinstance(o, tuple) else o))

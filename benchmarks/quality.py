@@ -48,8 +48,8 @@ def main() -> None:
     from owlctl.ops.allocate import allocation_from_profile, uniform_allocation
     from owlctl.ops.evaluate import evaluate_loaded, token_streams
     from owlctl.ops.plot import plot_allocation
-    from owlctl.ops.profile import profile_model
-    from owlctl.ops.prune import prune_model
+    from owlctl.engine.calibration.profile import profile_model
+    from owlctl.engine.calibration.prune import prune_model
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from owlctl.engine.driver import run_blocks
+from owlctl.engine.calibration.driver import run_blocks
 
 
 def rel_err(got, want):

@@ -110,7 +110,7 @@ def _run(cfg: PipelineConfig, plan: _Plan, progress: Any, say: Any, claim: Any) 
     from owlctl.ops.allocate import allocation_from_profile, uniform_allocation
     from owlctl.ops.common import now, peak_rss_mb, resolve_bos
     from owlctl.ops.evaluate import check_calibration_overlap, token_streams
-    from owlctl.ops.profile import profile_model
+    from owlctl.engine.calibration.profile import profile_model
 
     device = resolve_device(cfg.device)
     t_start = time.perf_counter()
@@ -197,7 +197,7 @@ class _Context:
     def prune_and_evaluate(self, base: Any, label: str, alloc: dict, checkpoints: dict) -> dict:
         from owlctl.core.methods import MethodOptions
         from owlctl.families import resolve
-        from owlctl.ops.prune import prune_model
+        from owlctl.engine.calibration.prune import prune_model
 
         model = copy.deepcopy(base)
         t0 = time.perf_counter()

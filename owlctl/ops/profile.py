@@ -9,6 +9,7 @@ from typing import Any
 
 from owlctl.errors import InputError
 from owlctl.options import FORCE, MODEL, OUTPUT, CalibrationOptions, ComputeOptions, opt, parse_floats
+from owlctl.engine.calibration.profile import profile_model
 
 DEFAULT_MS = (3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0, 10.0)
 
@@ -20,50 +21,6 @@ class ProfileConfig(ComputeOptions, CalibrationOptions):
     outlier_m: tuple[float, ...] = opt("--outlier-m", "-m", help="Comma-separated M values to count.",
                                        parse=parse_floats, cli_type=str)(DEFAULT_MS)
     force: bool = FORCE(False)
-
-
-def profile_model(model: Any, tok: Any, info: Any, calib: Any, *, outlier_m: tuple[float, ...], device: str,
-                  batch_size: int, progress: Any = None) -> tuple[dict, Any]:
-    """Profile a loaded model on given calibration windows; returns (profile document, timings)."""
-    from owlctl.core.methods import wanda_scores
-    from owlctl.core.outliers import block_outliers
-    from owlctl.families import resolve
-    from owlctl.formats._io import header
-    from owlctl.formats.profile import m_key
-    from owlctl.ops.common import now
-
-    layout = resolve(model)
-    blocks: list[dict] = []
-    keys = [m_key(m) for m in outlier_m]
-
-    def decide(i: int, _block: Any, linears: dict, stats: dict) -> None:
-        names = list(linears)
-        scores = [wanda_scores(linears[n].weight.detach(), stats[n].act_sq_norm()) for n in names]
-        res = block_outliers(scores, list(outlier_m))
-        blocks.append({
-            "index": i, "name": layout.block_name(i), "numel": res.numel, "mean_score": res.mean_score,
-            "score_sum": res.score_sum,
-            "outlier_count": dict(zip(keys, res.outlier_count)),
-            "outlier_pct": {k: 100.0 * c / res.numel for k, c in zip(keys, res.outlier_count)},
-            "linears": [{"name": n, "shape": list(linears[n].weight.shape), "numel": m.numel,
-                         "score_sum": m.score_sum, "max_score": m.max_score,
-                         "outlier_count": dict(zip(keys, m.outlier_count))}
-                        for n, m in zip(names, res.matrices)],
-        })
-
-    from owlctl.engine.driver import run_blocks
-
-    timings = run_blocks(model, layout, calib.input_ids, device=device, batch_size=batch_size,
-                         needs=frozenset({"act_norm"}), decide=decide, propagate="dense", progress=progress,
-                         description="profile")
-    doc = {**header("profile"), "created": now(),
-           "model": info.as_dict(layout.family.name, layout.num_blocks),
-           "calibration": calib.as_dict(),
-           "score": {"name": "wanda", "definition": "|W_ij| * sqrt(mean_k ||X_k[:, j]||_2^2)",
-                     "outlier_rule": "score > M * block mean (strict)", "pct_units": "percent"},
-           "outlier_m": [float(m) for m in outlier_m],
-           "blocks": blocks}
-    return doc, timings
 
 
 def profile(cfg: ProfileConfig, progress: Any = None) -> dict:

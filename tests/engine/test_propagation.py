@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from owlctl.engine.driver import run_blocks
+from owlctl.engine.calibration.driver import run_blocks
 from owlctl.families import resolve
 from propagation_check import driver_block_io, model_block_outputs, rel_err
 from tiny import FAMILIES, SLIDING, VARIANTS
@@ -84,7 +84,7 @@ def test_statistics_equal_full_model_hook_loop(name, tiny_models):
 def test_blocks_of_one_type_share_their_inputs(tiny_models):
     """Per-block inputs cost no extra memory: blocks of the same layer type get the same tensor objects,
     and equal masks / rotary tables of later batches are the first batch's."""
-    from owlctl.engine.driver import capture_inputs
+    from owlctl.engine.calibration.capture import capture_inputs
 
     model = _model(tiny_models, "gemma3_text-hybrid")
     layout = resolve(model)

@@ -1,0 +1,127 @@
+"""The one layer-by-layer driver: for each decoder block observe -> decide -> apply -> propagate (SPEC 1.4).
+
+Calibration runs in batches of sequences; statistics are collected by hooks on the block's prunable Linears
+(one per shared input: q/k/v, gate/up), always removed. Blocks not being worked on stay where the model keeps
+them; only the current block and the activations live on the compute device.
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator
+import torch
+from owlctl.core.stats import InputStatistics
+from owlctl.families import ModelLayout, share_groups
+from owlctl.engine.calibration.capture import _block_forward, capture_inputs
+from owlctl.progress import task as progress_task
+
+
+@dataclass
+class Timings:
+    """Seconds spent per phase, and how many block forwards each calibration sequence went through."""
+
+    capture: float = 0.0
+    statistics: float = 0.0
+    forwards: float = 0.0
+    decide: float = 0.0
+    propagate: float = 0.0
+    block_forwards_per_sample: int = 0
+
+    def as_dict(self) -> dict:
+        d = {k: round(v, 4) for k, v in self.__dict__.items() if isinstance(v, float)}
+        d["block_forwards_per_sample"] = self.block_forwards_per_sample
+        return d
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+@contextmanager
+def collect_statistics(layout: ModelLayout, block_index: int, needs: frozenset[str], device: str,
+                       timings: Timings, current_nseq: list[int]) -> Iterator[dict[str, InputStatistics]]:
+    """Hooks on every prunable Linear of a block, always removed. Linears that read the same input
+    (q/k/v, gate/up) share one statistic."""
+    linears = layout.linears(block_index)
+    leader = share_groups(layout)
+    stats: dict[str, InputStatistics] = {}
+    for name, lin in linears.items():
+        if leader[name] == name:
+            stats[name] = InputStatistics(lin.in_features, act_norm="act_norm" in needs,
+                                          hessian="hessian" in needs, device=device)
+    handles = []
+
+    def make_hook(st: InputStatistics) -> Callable:
+        def hook(_mod: Any, inp: tuple) -> None:
+            t0 = time.perf_counter()
+            st.add(inp[0].detach(), current_nseq[0])
+            timings.statistics += time.perf_counter() - t0
+        return hook
+
+    try:
+        for name in stats:
+            handles.append(linears[name].register_forward_pre_hook(make_hook(stats[name])))
+        yield {name: stats[leader[name]] for name in linears}
+    finally:
+        for h in handles:
+            h.remove()
+
+
+DecideFn = Callable[[int, Any, dict[str, Any], dict[str, InputStatistics]], None]
+
+
+def run_blocks(model: Any, layout: ModelLayout, input_ids: torch.Tensor, *, device: str, batch_size: int,
+               needs: frozenset[str], decide: DecideFn, propagate: str, progress: Any = None,
+               description: str = "blocks") -> Timings:
+    """Drive every block: observe its inputs (hooks), ``decide`` (prune or score), and propagate.
+
+    ``propagate="dense"``: the block is not changed by ``decide`` (profiling), so the outputs of the observing
+    forward feed the next block (one forward per block). ``propagate="pruned"``: after ``decide`` changed the
+    block, a second forward produces the next block's inputs from the pruned weights (SPEC 1.4).
+    """
+    if propagate not in ("dense", "pruned"):
+        raise ValueError(propagate)
+    timings = Timings()
+    model.config.use_cache = False
+    with torch.inference_mode():
+        t0 = time.perf_counter()
+        inputs = capture_inputs(model, layout, input_ids, device, batch_size)
+        _sync(device)
+        timings.capture = time.perf_counter() - t0
+        nblocks = layout.num_blocks
+        with progress_task(progress, description, nblocks) as task:
+            for i in range(nblocks):
+                block = layout.blocks[i]
+                if device != "cpu":
+                    block.to(device)
+                current = [0]
+                outs: list[torch.Tensor] = []
+                t0 = time.perf_counter()
+                with collect_statistics(layout, i, needs, device, timings, current) as stats:
+                    for b in range(len(inputs.hidden)):
+                        current[0] = inputs.nseq[b]
+                        out = _block_forward(block, inputs, i, b)
+                        if propagate == "dense":
+                            outs.append(out)
+                _sync(device)
+                timings.forwards += time.perf_counter() - t0
+                t0 = time.perf_counter()
+                decide(i, block, layout.linears(i), stats)
+                _sync(device)
+                timings.decide += time.perf_counter() - t0
+                del stats
+                if propagate == "pruned":
+                    t0 = time.perf_counter()
+                    outs = [_block_forward(block, inputs, i, b) for b in range(len(inputs.hidden))]
+                    _sync(device)
+                    timings.propagate += time.perf_counter() - t0
+                inputs.hidden = outs
+                if device != "cpu":
+                    block.to("cpu")
+                task.advance(1, info=f"block {i + 1}/{nblocks}")
+    timings.forwards -= timings.statistics
+    timings.block_forwards_per_sample = 1 if propagate == "dense" else 2
+    return timings
