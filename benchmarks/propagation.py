@@ -106,9 +106,9 @@ def main() -> None:
 
     from owlctl.engine.data import resolve_bos
     from owlctl.engine.models import load_model
-    from owlctl.engine.perplexity import windows
+    from owlctl.engine.evaluation.perplexity import windows
     from owlctl.families import resolve
-    from owlctl.ops.evaluate import token_streams
+    from owlctl.engine.evaluation.texts import token_streams
 
     model, tok, info = load_model(args.model)
     layout = resolve(model)

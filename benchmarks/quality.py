@@ -46,7 +46,8 @@ def main() -> None:
     from owlctl.engine.models import load_model
     from owlctl.families import resolve
     from owlctl.ops.allocate import allocation_from_profile, uniform_allocation
-    from owlctl.ops.evaluate import evaluate_loaded, token_streams
+    from owlctl.engine.evaluation.loaded import evaluate_loaded
+    from owlctl.engine.evaluation.texts import token_streams
     from owlctl.ops.plot import plot_allocation
     from owlctl.engine.calibration.profile import profile_model
     from owlctl.engine.calibration.prune import prune_model

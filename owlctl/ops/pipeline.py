@@ -59,7 +59,7 @@ def _plan(cfg: PipelineConfig) -> _Plan:
     from owlctl.engine.models import BUILTIN_MODEL, model_config
     from owlctl.ops.checks import check_owl_knobs, check_seqlen, context_length
     from owlctl.ops.common import calib_defaults
-    from owlctl.ops.evaluate import eval_defaults
+    from owlctl.engine.evaluation.defaults import eval_defaults
     from owlctl.options import Bos, Method, Split, check_choice, check_device
 
     check_choice("--method", cfg.method, Method)
@@ -109,7 +109,7 @@ def _run(cfg: PipelineConfig, plan: _Plan, progress: Any, say: Any, claim: Any) 
     from owlctl.formats._io import header
     from owlctl.ops.allocate import allocation_from_profile, uniform_allocation
     from owlctl.ops.common import now, peak_rss_mb, resolve_bos
-    from owlctl.ops.evaluate import check_calibration_overlap, token_streams
+    from owlctl.engine.evaluation.texts import check_calibration_overlap, token_streams
     from owlctl.engine.calibration.profile import profile_model
 
     device = resolve_device(cfg.device)
@@ -174,7 +174,7 @@ class _Context:
     claim: Any
 
     def evaluate(self, model: Any, label: str, blocks: list[dict] | None) -> dict:
-        from owlctl.ops.evaluate import evaluate_loaded
+        from owlctl.engine.evaluation.loaded import evaluate_loaded
 
         t = time.perf_counter()
         p = self.plan

@@ -93,7 +93,7 @@ def test_zeroshot_offline(ckpt):
 
 def test_unknown_task_exit_1(ckpt, monkeypatch):
     pytest.importorskip("lm_eval")
-    from owlctl.engine import zeroshot as zs
+    from owlctl.engine.evaluation import zeroshot as zs
 
     monkeypatch.setitem(zs._MANAGERS, (str(TASK_DIR), True), zs._manager(str(TASK_DIR), include_defaults=False))
     r = _eval(ckpt, "--tasks", "owlctl_tny", "--task-dir", TASK_DIR, "--device", "cpu")

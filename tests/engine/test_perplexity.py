@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from owlctl.engine.perplexity import perplexity, windows
+from owlctl.engine.evaluation.perplexity import perplexity, windows
 from owlctl.errors import DataError, InputError
 
 SEQLEN = 32

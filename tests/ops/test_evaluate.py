@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from owlctl.engine import zeroshot as zs
+from owlctl.engine.evaluation import zeroshot as zs
 from owlctl.engine.models import load_model
 from owlctl.errors import InputError
 from owlctl.formats.checkpoint import read_checkpoint_records
