@@ -49,7 +49,7 @@ def main() -> None:
     from owlctl.engine.calibration.driver import run_blocks
     from owlctl.engine.models import load_model
     from owlctl.families import resolve
-    from owlctl.ops.allocate import allocation_from_profile
+    from owlctl.engine.allocation import allocation_from_profile
     from owlctl.engine.calibration.profile import profile_model
     from owlctl.engine.calibration.prune import prune_model
 

@@ -45,7 +45,7 @@ def main() -> None:
     from owlctl.engine.data import calibration, resolve_bos
     from owlctl.engine.models import load_model
     from owlctl.families import resolve
-    from owlctl.ops.allocate import allocation_from_profile, uniform_allocation
+    from owlctl.engine.allocation import allocation_from_profile, uniform_allocation
     from owlctl.engine.evaluation.loaded import evaluate_loaded
     from owlctl.engine.evaluation.texts import token_streams
     from owlctl.ops.plot import plot_allocation

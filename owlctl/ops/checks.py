@@ -40,7 +40,7 @@ def prune_pattern(text: str | None) -> tuple[int, int] | None:
     (as -s 1.0 would, which is refused too)."""
     if text is None:
         return None
-    from owlctl.ops.allocate import parse_pattern
+    from owlctl.engine.allocation import parse_pattern
 
     nm = parse_pattern(text)
     assert nm is not None

@@ -107,7 +107,7 @@ def _run(cfg: PipelineConfig, plan: _Plan, progress: Any, say: Any, claim: Any) 
     from owlctl.engine.models import load_model, load_tokenizer, local_dir, resolve_device
     from owlctl.families import resolve
     from owlctl.formats._io import header
-    from owlctl.ops.allocate import allocation_from_profile, uniform_allocation
+    from owlctl.engine.allocation import allocation_from_profile, uniform_allocation
     from owlctl.ops.common import now, peak_rss_mb, resolve_bos
     from owlctl.engine.evaluation.texts import check_calibration_overlap, token_streams
     from owlctl.engine.calibration.profile import profile_model

@@ -83,7 +83,7 @@ def _early_allocation(cfg: PruneConfig, config: dict) -> dict | None:
     blocks = config.get("num_hidden_layers", config.get("n_layer"))
     if cfg.from_profile is not None:
         from owlctl.formats.profile import read_profile
-        from owlctl.ops.allocate import allocation_from_profile
+        from owlctl.engine.allocation import allocation_from_profile
 
         prof, sha = read_profile(cfg.from_profile)
         _check_blocks(prof["model"], blocks, f"profile {cfg.from_profile}", PROFILE_FIX)
@@ -111,7 +111,7 @@ def _check_blocks(recorded: dict, blocks: Any, what: str, fix: str) -> None:
 
 
 def _allocation(cfg: PruneConfig, info: Any, layout: Any, early: dict | None) -> dict:
-    from owlctl.ops.allocate import uniform_allocation
+    from owlctl.engine.allocation import uniform_allocation
 
     numels = [sum(lin.weight.numel() for lin in layout.linears(i).values()) for i in range(layout.num_blocks)]
     names = [layout.block_name(i) for i in range(layout.num_blocks)]

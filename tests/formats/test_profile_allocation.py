@@ -250,7 +250,7 @@ def test_allocation_wrong_schema(tmp_path):
 # ------------------------------------------------------------------------------- Python API (owlctl.ops)
 def test_allocation_from_profile_param_balance():
     from owlctl.formats.allocation import block_sparsities
-    from owlctl.ops.allocate import allocation_from_profile
+    from owlctl.engine.allocation import allocation_from_profile
 
     doc = make_profile()
     doc["blocks"][2]["numel"] = 3000  # heterogeneous blocks
@@ -266,7 +266,7 @@ def test_allocation_from_profile_param_balance():
 
 
 def test_allocation_from_profile_rejects_bad_profile():
-    from owlctl.ops.allocate import allocation_from_profile
+    from owlctl.engine.allocation import allocation_from_profile
 
     doc = make_profile()
     del doc["blocks"][0]["linears"]
@@ -275,7 +275,7 @@ def test_allocation_from_profile_rejects_bad_profile():
 
 
 def test_uniform_allocation_without_profile():
-    from owlctl.ops.allocate import uniform_allocation
+    from owlctl.engine.allocation import uniform_allocation
 
     model = {"id": "tiny", "num_blocks": 3}
     doc = uniform_allocation(model, ["a", "b", "c"], [10, 20, 30], target_sparsity=0.5)
