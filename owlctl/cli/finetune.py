@@ -76,9 +76,8 @@ def _body(cfg, json_out: bool, quiet: bool) -> None:
     from owlctl.ops.finetune import finetune
 
     res = finetune(cfg, progress=console.Progress())  # its warnings are OwlctlWarnings (shown by the CLI)
-    if not res["_main"]:  # other accelerate processes: the main one reports
+    if not res["process"]["main"]:  # other accelerate processes: the main one reports
         return
-    res = {k: v for k, v in res.items() if not k.startswith("_")}
     if json_out:
         console.print_json(res)
     else:

@@ -1,4 +1,4 @@
-"""`owlctl.ops.finetune` and `owlctl.engine.lora` on tiny models: zeros survive every mode, masked-lora merges
+"""`owlctl.ops.finetune` and `owlctl.engine.recovery.lora` on tiny models: zeros survive every mode, masked-lora merges
 exactly, merge-mask reports what the mask removed, adapter-only leaves the base alone, bad inputs fail early."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from owlctl.engine import lora
+from owlctl.engine.recovery import lora
 from owlctl.errors import InputError, OutputExistsError
 from owlctl.ops.finetune import FinetuneConfig, FinetuneWarning, finetune
 
