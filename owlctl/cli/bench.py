@@ -68,7 +68,7 @@ def render(doc: dict) -> None:
 
 
 def _body(cfg, json_out: bool, quiet: bool) -> None:
-    from owlctl.engine import deepsparse_host
+    from owlctl.deploy.eol import deepsparse_host
     from owlctl.errors import InputError
     from owlctl.ops import bench as bench_ops
 

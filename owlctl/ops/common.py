@@ -6,6 +6,7 @@ import datetime as _dt
 import warnings
 from typing import Any
 
+from owlctl.engine.memory import peak_rss_mb  # noqa: F401 (ops report it)
 from owlctl.engine.models import is_builtin
 from owlctl.errors import OwlctlWarning
 
@@ -53,14 +54,6 @@ def weights_bytes(path: Any) -> int | None:
 
 def now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat()
-
-
-def peak_rss_mb() -> float:
-    import resource
-    import sys
-
-    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return r / (1024 * 1024) if sys.platform == "darwin" else r / 1024
 
 
 def model_bytes(model: Any) -> int:

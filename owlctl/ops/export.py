@@ -116,7 +116,7 @@ def _dense_safetensors_bytes(src: Path) -> int | None:
 
 
 def _export_packed(model: Any, tmp: Path, src_dir: Path, source: dict) -> dict:
-    from owlctl.engine import packed
+    from owlctl.formats import packed
 
     head = packed.write_packed(model, tmp, src_dir, source)
     dense_file = _dense_safetensors_bytes(src_dir) if not packed.is_packed(src_dir) else None
@@ -130,13 +130,13 @@ def _export_packed(model: Any, tmp: Path, src_dir: Path, source: dict) -> dict:
         "dense_safetensors_bytes": dense_file,
         "packed_bytes": head["packed_bytes"],
         "size_ratio": head["size_ratio"],
-        "load": "owlctl.engine.packed.load_packed(DIR) (bit-exact; sha256 checked per tensor)",
+        "load": "owlctl.formats.packed.load_packed(DIR) (bit-exact; sha256 checked per tensor)",
     }
 
 
 def _export_onnx(model: Any, tok: Any, tmp: Path, src_dir: Path, source: dict, cfg: ExportConfig) -> dict:
     from owlctl import __version__
-    from owlctl.engine import onnx_export
+    from owlctl.deploy import onnx as onnx_export
 
     import torch
 

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from owlctl.engine import deepsparse_host
-from owlctl.engine.trust import UntrustedFileError, check_private, check_recorded, sha256
+from owlctl.deploy.eol import deepsparse_host
+from owlctl.deploy.trust import UntrustedFileError, check_private, check_recorded, sha256
 from owlctl.errors import ModelError
 
 

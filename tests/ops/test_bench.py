@@ -59,7 +59,7 @@ def test_two_four_pattern_check():
 
 def test_sparsified_model_logits_equal_dense(pruned70):
     from owlctl.engine.models import load_model
-    from owlctl.ops.bench import torch_generate
+    from owlctl.deploy.runtimes.torch import torch_generate
 
     dense, _, _ = load_model(str(pruned70))
     sparse, _, _ = load_model(str(pruned70))
@@ -153,7 +153,7 @@ def test_deepsparse_missing_gives_setup_hint(pruned70):
 
 
 def test_deepsparse_needs_avx2(pruned70, monkeypatch):
-    from owlctl.engine import deepsparse_host
+    from owlctl.deploy.eol import deepsparse_host
 
     monkeypatch.setattr(deepsparse_host, "cpu_info", lambda: {"avx2": False, "avx512f": False})
     with pytest.raises(ModelError, match="AVX2"):

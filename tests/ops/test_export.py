@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from owlctl.engine import packed
+from owlctl.formats import packed
 from owlctl.errors import FormatError, ModelError, OutputExistsError
 from owlctl.formats._io import SCHEMAS
 from owlctl.engine.models import load_model
@@ -105,7 +105,7 @@ def test_unsupported_architecture_is_a_model_error(pruned70, tmp_path, monkeypat
 
 
 def test_onnx_mismatch_above_tolerance_fails(pruned70, tmp_path, monkeypatch):
-    from owlctl.engine import onnx_export
+    from owlctl.deploy import onnx as onnx_export
 
     monkeypatch.setattr(onnx_export, "verify_onnx", lambda *a, **k: {"max_abs_diff": 0.5, "cases": []})
     out = tmp_path / "onnx"

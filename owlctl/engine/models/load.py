@@ -50,7 +50,7 @@ def load_model(spec: str, dtype: str = "auto", device: str = "cpu") -> tuple[Any
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     path, revision = local_dir(spec)
     torch_dtype = resolve_dtype(dtype)
-    from owlctl.engine import packed
+    from owlctl.formats import packed
 
     size = sum(f.stat().st_size for f in path.glob("*.safetensors"))
     note(f"loading {spec}" + (f" ({size / 2**20:,.0f} MiB of weights)" if size else ""))

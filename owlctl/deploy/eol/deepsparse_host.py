@@ -56,7 +56,7 @@ def deepsparse_python(explicit: str | Path | None = None) -> Path:
     if not info["avx2"]:
         raise ModelError("DeepSparse needs a CPU with AVX2 (or AVX-512); /proc/cpuinfo lists no avx2 flag",
                          hint="use --backend torch-sparse, the maintained sparse CPU path")
-    from owlctl.engine.trust import check_private, check_recorded
+    from owlctl.deploy.trust import check_private, check_recorded
 
     if explicit:
         py = Path(explicit)
@@ -137,7 +137,7 @@ def setup_deepsparse(log: Callable[[str], None] = lambda s: None) -> dict:
     except BaseException:
         shutil.rmtree(venv, ignore_errors=True)
         raise
-    from owlctl.engine.trust import sha256
+    from owlctl.deploy.trust import sha256
 
     os.chmod(venv, 0o700)
     marker = {"pins": list(DEEPSPARSE_PINS), "python": str(py.resolve()), "python_sha256": sha256(py.resolve())}

@@ -1,0 +1,1 @@
+"""Runtimes that `owlctl bench` measures: PyTorch (torch.py) and onnxruntime (onnxruntime.py)."""

@@ -1,0 +1,78 @@
+"""onnxruntime as a runtime: the model's ONNX export (made once and cached, with KV cache) run for prefill
+and greedy decode, checked against PyTorch's logits."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+from owlctl.errors import InputError
+from owlctl.deploy.measure import row, timed_runs
+from owlctl.deploy.runtimes.torch import prunable_sparsity
+from owlctl.engine.memory import rss_mb, settle_memory
+from owlctl.engine.models import local_dir
+
+
+def onnx_dir_for(spec: str, progress: Any = None) -> Path:
+    """An ONNX export (KV cache) of ``spec``: the directory itself if it is one, else a cached export."""
+    import hashlib
+
+    from owlctl.engine.models import cache_dir, content_hash
+    from owlctl.ops.export import ExportConfig, export, is_onnx_export
+
+    if is_onnx_export(spec):
+        return Path(spec)
+    src = local_dir(spec)[0]
+    key = hashlib.sha256(f"{content_hash(src)}|kv".encode()).hexdigest()[:16]
+    out = cache_dir() / "onnx" / key
+    if not is_onnx_export(out):
+        export(ExportConfig(checkpoint=spec, output=out, format="onnx", kv_cache=True, force=True), progress)
+    return out
+
+
+def reference_logits(spec: str, prompt: Any, cfg: Any) -> tuple[Any, float | None, Any]:
+    """Dense PyTorch logits of the last prompt position (row 0), the prunable sparsity, and the model info."""
+    import torch
+
+    from owlctl.engine.models import load_model
+
+    model, _tok, info = load_model(spec, cfg.dtype)
+    with torch.inference_mode():
+        logits = model(input_ids=prompt[:1]).logits[0, -1].float()
+    sparsity = prunable_sparsity(model)
+    del model
+    return logits, sparsity, info
+
+
+def row_onnxruntime(spec: str, cfg: Any, prompt: Any, task: Any, label: str) -> dict:
+    import torch
+
+    from owlctl.deploy.onnx import ort_generate, ort_session
+    from owlctl.ops.export import ONNX_FILE, read_onnx_export
+
+    odir = onnx_dir_for(spec)
+    doc = read_onnx_export(odir)
+    if not doc["graph"]["kv_cache"]:
+        raise InputError(f"{odir} holds a graph without KV cache; decode needs one",
+                         hint="re-export with `owlctl export CHECKPOINT --format onnx --kv-cache -o DIR`")
+    ref, sparsity, info = (None, None, None) if Path(spec) == odir else reference_logits(spec, prompt, cfg)
+    settle_memory()
+    rss0 = rss_mb()
+    t = time.perf_counter()
+    sess = ort_session(odir / ONNX_FILE, cfg.threads)
+    load_s = time.perf_counter() - t
+    ids = prompt.numpy()
+
+    def generate() -> dict:
+        res = ort_generate(sess, doc["graph"], ids, cfg.new_tokens)
+        res["first_logits"] = torch.from_numpy(res["first_logits"])
+        return res
+
+    runs = timed_runs(generate, cfg, task, label)
+    memory = {"rss_before_mb": rss0, "peak_rss_mb": rss_mb("VmHWM"),
+              "onnx_mb": (odir / ONNX_FILE).stat().st_size / 2**20}
+    check = None if ref is None else float((runs[0]["first_logits"][0] - ref).abs().max())
+    extra = {"onnx_dir": str(odir), "export_max_abs_diff": (doc.get("verification") or {}).get("max_abs_diff"),
+             "intra_op_threads": cfg.threads}
+    return row(label, spec, info, sparsity, "onnxruntime", None, cfg, runs, memory, load_s, extra,
+                check_vs_self=check)

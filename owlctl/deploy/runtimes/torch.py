@@ -1,0 +1,111 @@
+"""PyTorch as a runtime: greedy prefill + decode through the KV cache, with dense kernels or owlctl's sparse
+CPU kernels (torch-sparse), and on CUDA 2:4 semi-structured kernels."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+from owlctl.errors import ModelError
+from owlctl.deploy.measure import row, sync, timed_runs
+from owlctl.engine.memory import rss_mb, settle_memory
+
+
+def prunable_sparsity(model: Any) -> float | None:
+    import torch
+
+    from owlctl.families import resolve
+
+    try:
+        layout = resolve(model)
+    except ModelError:
+        return None
+    zeros = total = 0
+    for i in range(layout.num_blocks):
+        for lin in layout.linears(i).values():
+            w = lin.weight
+            total += w.numel()
+            zeros += w.numel() - int(torch.count_nonzero(w))
+    return zeros / total if total else None
+
+
+def weights_mb(model: Any) -> float:
+    seen, n = set(), 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        if t.data_ptr() in seen or t.is_meta:
+            continue
+        seen.add(t.data_ptr())
+        n += t.numel() * t.element_size()
+    return n / 2**20
+
+
+def torch_generate(model: Any, ids: Any, steps: int, device: str) -> dict:
+    """Prefill ``ids`` then ``steps`` greedy decode steps. Returns times and the first logits (CPU)."""
+    import torch
+
+    from owlctl.deploy.onnx import _cache_kwarg, make_cache
+
+    cache_kw = _cache_kwarg(model)
+    cache = make_cache(model.config, [])
+    with torch.inference_mode():
+        sync(device)
+        t = time.perf_counter()
+        out = model(input_ids=ids, use_cache=True, **{cache_kw: cache})
+        nxt = out.logits[:, -1, :].argmax(-1, keepdim=True)
+        sync(device)
+        t_prefill = time.perf_counter() - t
+        first = out.logits[:, -1, :].float().cpu()
+        cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
+        step_s = []
+        for _ in range(steps):
+            t = time.perf_counter()
+            out = model(input_ids=nxt, use_cache=True, **{cache_kw: cache})
+            nxt = out.logits[:, -1, :].argmax(-1, keepdim=True)
+            sync(device)
+            step_s.append(time.perf_counter() - t)
+    return {"prefill_s": t_prefill, "step_s": step_s, "first_logits": first}
+
+
+def row_torch(spec: str, cfg: Any, prompt: Any, kernel: str | None, task: Any, label: str) -> dict:
+    import torch
+
+    from owlctl.engine.models import load_model
+
+    settle_memory()
+    rss0 = rss_mb()
+    t = time.perf_counter()
+    model, _tok, info = load_model(spec, cfg.dtype)
+    sparsity = prunable_sparsity(model)
+    device = cfg.device
+    extra: dict[str, Any] = {}
+    reference = None
+    if kernel is not None:
+        from owlctl.engine import sparse_kernels
+
+        if device.startswith("cuda"):
+            model.to(device)
+            extra["sparse"] = sparse_kernels.semi_structured(model)
+            kernel = extra["sparse"]["kernel"]
+        else:
+            with torch.inference_mode():  # dense logits of the same weights, before the swap
+                reference = model(input_ids=prompt[:1, :16]).logits[0, -1].float()
+            extra["sparse"] = sparse_kernels.sparsify(model, kernel)
+            kernel = extra["sparse"]["kernel"]
+    else:
+        model.to(device)
+    load_s = time.perf_counter() - t
+    ids = prompt.to(device)
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    runs = timed_runs(lambda: torch_generate(model, ids, cfg.new_tokens, device), cfg, task, label)
+    check = None
+    if reference is not None:
+        with torch.inference_mode():
+            got = model(input_ids=prompt[:1, :16]).logits[0, -1].float()
+        check = float((got - reference).abs().max())  # the model is freed when this row returns
+    memory = {"rss_before_mb": rss0, "peak_rss_mb": rss_mb("VmHWM"), "weights_mb": weights_mb(model)}
+    if device.startswith("cuda"):
+        memory["cuda_max_allocated_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    if kernel is None:
+        check = 0.0  # this row is the PyTorch dense reference itself
+    return row(label, spec, info, sparsity, "torch-sparse" if kernel else "torch", kernel, cfg, runs, memory,
+                load_s, extra, check_vs_self=check)
