@@ -44,8 +44,8 @@ def main() -> int:
 
         t = time.perf_counter()
         doc = export(ExportConfig(checkpoint=str(args.sparse), output=work / "packed", format="packed"))
-        res["packed"] = {k: doc[k] for k in ("packed_bytes", "dense_bytes", "size_ratio", "packed_sparsity",
-                                            "packed_tensors")}
+        res["packed"] = {k: doc["packed"][k] for k in ("packed_bytes", "dense_bytes", "size_ratio",
+                                                       "realised_sparsity", "packed_tensors")}
         res["packed"]["export_seconds"] = time.perf_counter() - t
         stored = load_file(str(work / "packed" / packed.PACKED_WEIGHTS))
         head = packed.read_header(work / "packed")
@@ -65,9 +65,10 @@ def main() -> int:
             name = "onnx_kv" if kv else "onnx_no_kv"
             t = time.perf_counter()
             doc = export(ExportConfig(checkpoint=str(args.sparse), output=work / name, format="onnx", kv_cache=kv))
-            res[name] = {"onnx_bytes": doc["onnx_bytes"], "wall_seconds": time.perf_counter() - t,
-                         "export_seconds": doc["export_seconds"], "opset": doc["graph"]["opset"],
-                         "ir_version": doc["graph"]["ir_version"], "verification": doc["verification"]}
+            o = doc["onnx"]
+            res[name] = {"onnx_bytes": o["onnx_bytes"], "wall_seconds": time.perf_counter() - t,
+                         "export_seconds": doc["seconds"]["export"], "opset": o["graph"]["opset"],
+                         "ir_version": o["graph"]["ir_version"], "verification": o["verification"]}
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

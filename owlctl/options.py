@@ -41,6 +41,7 @@ Method = _method_choice()
 class Allocator(Choice):
     owl = "owl"
     uniform = "uniform"
+    search = "search"
 
 
 class Balance(Choice):

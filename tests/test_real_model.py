@@ -47,9 +47,9 @@ def test_pipeline_owl_beats_uniform_at_70(tmp_path):
     assert r.exit_code == 0, r.stderr
     doc = json.loads(r.stdout)
     res = {row["variant"]: row for row in doc["results"]}
-    dense = res["dense"]["perplexity"]["builtin:wiki"]
-    uni = res["wanda uniform"]["perplexity"]["builtin:wiki"]
-    owl = res["wanda owl"]["perplexity"]["builtin:wiki"]
+    dense = res["dense"]["perplexity"]["builtin:wiki"]["ppl"]
+    uni = res["wanda uniform"]["perplexity"]["builtin:wiki"]["ppl"]
+    owl = res["wanda owl"]["perplexity"]["builtin:wiki"]["ppl"]
     assert 5 < dense < 30  # the dense model is ~14.5 on the first test windows
     assert dense < owl < uni  # OWL recovers part of what uniform pruning loses
     for label in ("wanda uniform", "wanda owl"):

@@ -20,7 +20,7 @@ unstructured; M 6, lambda 2 for N:M.
 \b
 Examples:
   owlctl allocate profile.json -s 0.7 -o allocation.json
-  owlctl allocate profile.json -s 0.7 -m 5 -l 0.08 --plot owl.png --json | jq .achieved
+  owlctl allocate profile.json -s 0.7 -m 5 -l 0.08 --plot owl.png --json | jq .allocated_sparsity
   owlctl allocate profile.json --pattern 3:8 -m 6 -l 2 -o nm.json
 """
 
@@ -61,7 +61,7 @@ def _bar(frac: float, width: int = 16) -> str:
 def render(doc: dict) -> None:
     from rich.table import Table
 
-    params, pattern, ach = doc["params"], doc["pattern"], doc["achieved"]
+    params, pattern = doc["params"], doc["pattern"]
     nm = pattern["kind"] == "nm"
     if nm:
         title = f"mixed N:M, base {pattern['n_keep']}:{pattern['m']} (N = weights kept)"
@@ -87,9 +87,9 @@ def render(doc: dict) -> None:
             cells.append(f"{b['n_keep']}:{pattern['m']}")
         table.add_row(*cells, f"{b['sparsity']:.4f}", f"[red]{_bar(b['sparsity'])}[/red]")
     console.out.print(table)
-    line = f"mean sparsity {ach['mean_sparsity']:.4f}, parameter-weighted {ach['param_weighted_sparsity']:.4f}"
-    if ach["target_sparsity"] is not None:
-        line += f"; target {ach['target_sparsity']:.4f}, drift {ach['drift']:+.4f}"
+    line = f"mean sparsity {doc['mean_block_sparsity']:.4f}, parameter-weighted {doc['allocated_sparsity']:.4f}"
+    if doc["target_sparsity"] is not None:
+        line += f"; target {doc['target_sparsity']:.4f}, drift {doc['drift']:+.4f}"
     console.out.print(line, highlight=False)
 
 

@@ -64,6 +64,14 @@ def warn(msg: str) -> None:
 
 
 def print_json(doc: Any) -> None:
+    """Exactly one JSON document on stdout; an owlctl document is first checked against its type."""
+    from owlctl.formats.kinds import VERSIONS, parse_schema
+
+    parsed = parse_schema(doc.get("schema")) if isinstance(doc, dict) else None
+    if parsed is not None and parsed[0] in VERSIONS:
+        from owlctl.formats.documents import validate
+
+        validate(parsed[0], doc, source=f"the {parsed[0]} document")
     sys.stdout.write(json.dumps(doc, indent=2, allow_nan=False) + "\n")
     sys.stdout.flush()
 

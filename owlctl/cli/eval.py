@@ -24,7 +24,7 @@ it, wikitext2 at 2048 otherwise; the test split is used unless --split validatio
 \b
 Examples:
   owlctl eval wanda70 --max-windows 32
-  owlctl eval owl70 --compare wanda70 --json | jq .compare.ratio
+  owlctl eval owl70 --compare wanda70 --json | jq .comparison.ratio
   owlctl eval meta-llama/Llama-2-7b-hf --data wikitext2 --data c4 --zeroshot --device cuda
 """
 
@@ -61,7 +61,7 @@ def render(doc: dict) -> None:
     from rich.table import Table
 
     out = console.out
-    cmp = doc.get("compare")
+    cmp = doc.get("comparison")
     if doc["perplexity"]:
         t = Table(title=f"perplexity: {_name(doc['model'])}", title_justify="left")
         for col in ("data", "split", "bos", "seqlen", "windows", "tokens", "ppl"):
@@ -101,10 +101,10 @@ def _render_audit(a: dict, name: str) -> None:
     for col in ("block", "allocated", "pruned", "pre-existing", "realised", "diff", "check"):
         t.add_column(col, justify="left" if col == "check" else "right")
     for b in a["blocks"]:
-        diff = None if b["allocated"] is None else b["realised"] - b["allocated"]
+        diff = None if b["allocated_sparsity"] is None else b["realised_sparsity"] - b["allocated_sparsity"]
         ok = "" if b["ok"] is None else ("ok" if b["ok"] else "[red]MISMATCH[/red]")
-        t.add_row(str(b["index"]), _fmt(b["allocated"], ".4f"), _fmt(b.get("pruned_fraction"), ".4f"),
-                  _fmt(b.get("preexisting"), ".4f"), f"{b['realised']:.4f}", _fmt(diff, "+.4f"), ok)
+        t.add_row(str(b["index"]), _fmt(b["allocated_sparsity"], ".4f"), _fmt(b.get("pruned_sparsity"), ".4f"),
+                  _fmt(b.get("preexisting_sparsity"), ".4f"), f"{b['realised_sparsity']:.4f}", _fmt(diff, "+.4f"), ok)
     out.print(t)
     line = f"realised {a['realised_sparsity']:.4f} of {a['numel']} prunable weights (all exact zeros)"
     if a.get("preexisting_sparsity") is not None:

@@ -36,21 +36,23 @@ def render(doc: dict) -> None:
     t.add_column("", style="bold")
     t.add_column("")
     mb = 2**20
-    rows = [("source", doc["source"]["id"]), ("output", doc.get("output", ""))]
+    rows = [("model", doc["model"]["id"]), ("output", doc.get("output") or "")]
     if doc["format"] == "onnx":
-        g = doc["graph"]
+        o = doc["onnx"]
+        g = o["graph"]
         rows += [("graph", f"{g['file']}: opset {g['opset']}, IR {g['ir_version']}, "
                            f"{'KV cache' if g['kv_cache'] else 'no KV cache'}, {len(g['inputs'])} inputs")]
-        v = doc.get("verification")
+        v = o.get("verification")
         if v:
             rows.append(("onnxruntime vs PyTorch", f"max |diff| {v['max_abs_diff']:.3g} (tolerance {v['tolerance']:g})"))
-        rows.append(("size", f"{doc['onnx_bytes'] / mb:.1f} MiB ONNX"
+        rows.append(("size", f"{o['onnx_bytes'] / mb:.1f} MiB ONNX"
                      + (f" vs {doc['dense_safetensors_bytes'] / mb:.1f} MiB safetensors"
                         if doc.get("dense_safetensors_bytes") else "")))
     else:
-        rows += [("packed weights", f"{doc['packed_tensors']} matrices at {doc['packed_sparsity']:.1%} sparsity"),
-                 ("size", f"{doc['packed_bytes'] / mb:.1f} MiB packed vs {doc['dense_bytes'] / mb:.1f} MiB dense "
-                          f"({doc['size_ratio']:.3f})")]
+        k = doc["packed"]
+        rows += [("packed weights", f"{k['packed_tensors']} matrices at {k['realised_sparsity']:.1%} sparsity"),
+                 ("size", f"{k['packed_bytes'] / mb:.1f} MiB packed vs {k['dense_bytes'] / mb:.1f} MiB dense "
+                          f"({k['size_ratio']:.3f})")]
     rows.append(("time", f"{doc['seconds']['total']:.1f} s"))
     for k, v in rows:
         t.add_row(k, str(v))

@@ -53,15 +53,20 @@ def render(doc: dict) -> None:
     t.add_column("block range", justify="right")
     t.add_column("prune s", justify="right")
     for r in doc["results"]:
-        t.add_row(r["variant"], *[f"{r['perplexity'][d]:.2f}" for d in ev["data"]], f"{r['realised_sparsity']:.3f}",
+        t.add_row(r["variant"], *[_ppl(r["perplexity"][d]["ppl"]) for d in ev["data"]], f"{r['realised_sparsity']:.3f}",
                   f"{r['block_sparsity_min']:.3f}-{r['block_sparsity_max']:.3f}", f"{r['prune_seconds']:.1f}")
     console.out.print(t)
     res = {r["variant"].split()[-1]: r for r in doc["results"]}
     for d in ev["data"]:
-        u, o = res["uniform"]["perplexity"][d], res["owl"]["perplexity"][d]
-        console.out.print(f"OWL vs uniform on {d}: {o:.2f} vs {u:.2f} ({(o - u) / u:+.1%})", highlight=False)
+        u, o = res["uniform"]["perplexity"][d]["ppl"], res["owl"]["perplexity"][d]["ppl"]
+        if u is not None and o is not None:
+            console.out.print(f"OWL vs uniform on {d}: {o:.2f} vs {u:.2f} ({(o - u) / u:+.1%})", highlight=False)
     c = doc["calibration"]
-    console.out.print(f"calibration {c['source']} {c['nsamples']} x {c['seqlen']}; windows "
-                      f"{res['owl']['windows']}; bos {ev.get('bos', 'never')}; total {doc['seconds']['total']:.0f} s",
-                      highlight=False)
+    windows = {d: p["windows"] for d, p in res["owl"]["perplexity"].items()}
+    console.out.print(f"calibration {c['source']} {c['nsamples']} x {c['seqlen']}; windows {windows}; "
+                      f"bos {ev.get('bos', 'never')}; total {doc['seconds']['total']:.0f} s", highlight=False)
     console.out.print(doc["full_size_hint"], highlight=False)
+
+
+def _ppl(x: float | None) -> str:
+    return "inf" if x is None else f"{x:.2f}"

@@ -42,7 +42,7 @@ def register(app: typer.Typer) -> None:
 def _render(res: dict) -> None:
     from rich.table import Table
 
-    doc = res["profile"]
+    doc = res
     ms = [f"{m:g}" for m in doc["outlier_m"]]
     show = [k for k in ms if k in ("3", "5", "7", "10")] or ms[:4]
     t = Table(title=f"outlier ratio (%) per block: {doc['model']['id']}", title_justify="left")

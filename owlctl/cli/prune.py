@@ -41,7 +41,6 @@ def _body(kind: str):
         from owlctl.ops import prune as prune_ops
 
         res = getattr(prune_ops, kind)(cfg, progress=console.Progress())
-        res = {k: v for k, v in res.items() if not k.startswith("_")}
         if json_out:
             console.print_json(res)
         else:
@@ -54,7 +53,7 @@ def render_summary(res: dict) -> None:
 
     pat = res["pattern"]
     pattern = "unstructured" if pat["kind"] == "unstructured" else f"{pat['n_keep']}:{pat['m']} (kept:group)"
-    t = Table(title=f"{res['method']} / {res['allocation']} / {pattern}", title_justify="left", show_header=False)
+    t = Table(title=f"{res['method']} / {res['allocator']} / {pattern}", title_justify="left", show_header=False)
     t.add_column("", style="bold")
     t.add_column("")
     rows = [
@@ -64,9 +63,12 @@ def render_summary(res: dict) -> None:
         ("realised (all exact zeros)", f"{res['realised_sparsity']:.4f}"),
         ("pruned by the masks", f"{res['pruned_sparsity']:.4f}"),
         ("zero before pruning", f"{res['preexisting_sparsity']:.4f}"),
-        ("block sparsity range", f"{min(b['realised'] for b in res['blocks']):.3f} .. "
-                                 f"{max(b['realised'] for b in res['blocks']):.3f}"),
+        ("block sparsity range", f"{min(b['realised_sparsity'] for b in res['blocks']):.3f} .. "
+                                 f"{max(b['realised_sparsity'] for b in res['blocks']):.3f}"),
         ("masks differing from allocation", str(res["mask_mismatches"])),
+        ("calibration", "-" if not res.get("calibration") else
+         f"{res['calibration']['source']}, {res['calibration']['nsamples']} x {res['calibration']['seqlen']} "
+         f"tokens, bos {res['calibration'].get('bos', 'never')}"),
         ("time", f"{res['seconds']['total']:.1f} s"),
         ("peak memory (RSS)", f"{res['peak_rss_mb']:.0f} MiB (model {res['model_mb']:.0f} MiB)"),
         ("checkpoint", res["output"] or "(not saved)"),

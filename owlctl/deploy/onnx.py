@@ -267,3 +267,62 @@ def verify_onnx(path: Path, model: Any, spec: dict, threads: int = 1) -> dict:
                         "left_pad": pad, "max_abs_diff": diff})
         worst = max(worst, diff)
     return {"max_abs_diff": worst, "cases": results}
+
+
+# ------------------------------------------------------------------------------------------ export dir
+ONNX_FILE = "model.onnx"
+ONNX_JSON = "onnx-export.json"  # the export document (owlctl.export) beside the graph, read by `bench`
+
+
+def write_onnx_dir(model: Any, tok: Any, tmp: Path, src_dir: Path, *, kv_cache: bool, verify: bool,
+                   tolerance: float, threads: int, cast_float: bool) -> tuple[dict, dict]:
+    """Export, check in onnxruntime (refusing a graph whose outputs differ from PyTorch's beyond
+    ``tolerance``) and copy the side files into ``tmp``; returns (the ``onnx`` section, seconds)."""
+    import time
+
+    import torch
+
+    from owlctl.errors import ModelError
+    from owlctl.formats.checkpoint import copy_side_files
+
+    if cast_float and next(model.parameters()).dtype != torch.float32:
+        model.float()  # onnxruntime's CPU kernels are float32 first; half-precision graphs often miss kernels
+    t = time.perf_counter()
+    spec = export_onnx(model, tmp / ONNX_FILE, kv_cache)
+    seconds = {"export": round(time.perf_counter() - t, 3)}
+    check = None
+    if verify:
+        t = time.perf_counter()
+        check = verify_onnx(tmp / ONNX_FILE, model, spec, threads=threads)
+        seconds["verify"] = round(time.perf_counter() - t, 3)
+        check["tolerance"] = tolerance
+        if not check["max_abs_diff"] <= tolerance:  # also catches NaN
+            raise ModelError(
+                f"onnxruntime's outputs differ from PyTorch's by {check['max_abs_diff']:.3g} "
+                f"(tolerance {tolerance:g}); the graph was not saved",
+                hint="report the model type; --tolerance raises the limit if the difference is expected "
+                     "(e.g. float16 weights)")
+    copy_side_files(src_dir, tmp, tok, model)
+    import onnx
+
+    proto = onnx.load(str(tmp / ONNX_FILE), load_external_data=False)
+    onnx_bytes = sum(p.stat().st_size for p in tmp.iterdir() if p.suffix in (".onnx", ".data") or
+                     p.name.endswith(".onnx.data"))
+    graph = {"file": ONNX_FILE, "kv_cache": spec["kv_cache"], "opset": spec["opset"],
+             "ir_version": int(proto.ir_version), "inputs": spec["inputs"], "outputs": spec["outputs"],
+             "dynamic_axes": spec["dynamic_axes"], "geometry": spec["geometry"], "vocab_size": spec["vocab_size"],
+             "dtype": spec["dtype"], "position_ids": spec["position_ids"],
+             "exporter": "torch.onnx.export(dynamo=False) (TorchScript)", "attention": "eager"}
+    return {"graph": graph, "verification": check, "onnx_bytes": onnx_bytes}, seconds
+
+
+def read_onnx_export(path: Path) -> dict:
+    """The export document of an ONNX export directory (checked; older onnx-export.json files upgraded)."""
+    from owlctl.formats._io import read_json
+
+    return read_json(Path(path) / ONNX_JSON, "export", remake="owlctl export CHECKPOINT --format onnx -o DIR")
+
+
+def is_onnx_export(path: str | Path) -> bool:
+    p = Path(path)
+    return p.is_dir() and (p / ONNX_FILE).is_file() and (p / ONNX_JSON).is_file()

@@ -56,6 +56,7 @@ def allocation_from_profile(
     min_sparsity: float = 0.0,
     max_sparsity: float = 0.99,
     special: bool = False,
+    command: str = "allocate",
 ) -> dict:
     """Compute the allocation document for a (validated or in-memory) profile. Raises InputError on bad input."""
     validate_profile(profile_doc, source=profile_path or "profile")
@@ -123,12 +124,13 @@ def allocation_from_profile(
         block_names=block_names(profile_doc), block_numels=numels, outlier_pcts=ratios,
         model=profile_doc["model"], params=params, pattern=_pattern_dict(nm),
         sparsities=sparsities, n_keeps=n_keeps, profile_sha256=profile_sha, profile_path=profile_path,
+        command=command,
         profile_calibration=profile_doc.get("calibration"))
 
 
 def uniform_allocation(model: dict, block_names: list[str], block_numels: list[int],
                        target_sparsity: float | None = None,
-                       pattern: str | tuple[int, int] | None = None) -> dict:
+                       pattern: str | tuple[int, int] | None = None, command: str = "prune") -> dict:
     """The uniform allocation for a model without a profile (`prune --uniform`); profile is null."""
     nm = parse_pattern(pattern)
     if not block_names or len(block_names) != len(block_numels):
@@ -147,7 +149,8 @@ def uniform_allocation(model: dict, block_names: list[str], block_numels: list[i
     return build_allocation_doc(
         block_names=list(block_names), block_numels=list(block_numels), outlier_pcts=None, model=model,
         params=params, pattern=_pattern_dict(nm),
-        sparsities=None if nm else [float(target_sparsity)] * L, n_keeps=[nm[0]] * L if nm else None)
+        sparsities=None if nm else [float(target_sparsity)] * L, n_keeps=[nm[0]] * L if nm else None,
+        command=command)
 
 
 def _pattern_dict(nm: tuple[int, int] | None) -> dict[str, Any]:

@@ -233,8 +233,23 @@ def atomic_write_text(path: str | os.PathLike, text: str, force: bool = False) -
     return atomic_write(path, lambda f: f.write(text.encode("utf-8")), force=force)
 
 
-def write_json(path: str | os.PathLike, doc: dict, force: bool = False) -> Path:
+def write_json(path: str | os.PathLike, doc: dict, force: bool = False, kind: str | None = None) -> Path:
+    """Write ``doc`` atomically; with ``kind`` it is first checked against its document type."""
+    if kind is not None:
+        from owlctl.formats.documents import validate
+
+        validate(kind, doc)
     return atomic_write_text(path, dumps(doc), force=force)
+
+
+def write_claimed(claim: "OutputClaim", kind: str, doc: dict) -> Path:
+    """Check ``doc`` against its type, write it into the claim's temporary file and commit it."""
+    from owlctl.formats.documents import validate
+
+    validate(kind, doc)
+    assert claim.tmp is not None
+    claim.tmp.write_text(dumps(doc), encoding="utf-8")
+    return claim.commit()
 
 
 # The command that writes each kind of document (shown in hints), and the option that reads it.
@@ -265,36 +280,31 @@ def read_json(path: str | os.PathLike, kind: str, remake: str | None = None) -> 
         ) from None
     if not isinstance(doc, dict):
         raise FormatError(f"{p} is not an owlctl {kind} document (top level is not an object)")
-    check_schema(doc, kind, source=str(p), remake=remake)
-    return doc
+    return check_schema(doc, kind, source=str(p), remake=remake)
 
 
-SCHEMAS = {
-    "profile": "owlctl.profile/1",
-    "allocation": "owlctl.allocation/1",
-    "report": "owlctl.report/1",
-    "eval": "owlctl.eval/1",
-    "bench": "owlctl.bench/1",
-    "packed": "owlctl.packed/1",
-    "pipeline": "owlctl.pipeline/1",
-    "onnx": "owlctl.onnx/1",
-}
+def check_schema(doc: dict, kind: str, source: str = "document", remake: str | None = None) -> dict:
+    """``doc`` if its schema is ``kind`` at the current version; an older readable version upgraded to the
+    current shape; otherwise a FormatError saying what the file is and what to do."""
+    from owlctl.formats.kinds import OLDEST, VERSIONS, parse_schema, schema_name
 
-
-def check_schema(doc: dict, kind: str, source: str = "document", remake: str | None = None) -> None:
-    want = SCHEMAS[kind]
+    want = schema_name(kind)
     got = doc.get("schema")
     if got == want:
-        return
+        return doc
     remake = remake or REMAKE.get(kind, f"owlctl {kind} ...")
     producer = doc.get("owlctl_version", "an unknown program")
-    other = next((k for k, v in SCHEMAS.items() if isinstance(got, str) and got.split("/")[0] == v.split("/")[0]
-                  and k != kind), None)
-    if other is not None:
+    parsed = parse_schema(got)
+    if parsed is not None and parsed[0] == kind and OLDEST.get(kind, VERSIONS[kind]) <= parsed[1] < VERSIONS[kind]:
+        from owlctl.formats.documents import upgrade
+
+        return upgrade(kind, doc)
+    if parsed is not None and parsed[0] != kind and parsed[0] in VERSIONS:
+        other = parsed[0]
         flag = f"; pass it with {READ_BY[other]}" if other in READ_BY else ""
         raise FormatError(f"{source} is an owlctl {other} file, not an owlctl {kind} file{flag}",
                           hint=f"the {kind} file is written by `{remake}`")
-    if isinstance(got, str) and got.startswith(f"owlctl.{kind}/"):
+    if parsed is not None and parsed[0] == kind:
         raise FormatError(
             f"{source} has schema {got} (written by owlctl {producer}); this owlctl {__version__} reads {want}",
             hint=f"re-create it with this version: `{remake}`",
@@ -305,8 +315,17 @@ def check_schema(doc: dict, kind: str, source: str = "document", remake: str | N
     )
 
 
-def header(kind: str) -> dict:
-    return {"schema": SCHEMAS[kind], "owlctl_version": __version__}
+def header(kind: str, command: str | None = None, model: dict | None = None, seconds: dict | None = None,
+           created: str | None = None) -> dict:
+    """The envelope every document starts with (formats.documents): schema, owlctl_version, created,
+    command, model, seconds; the command's own fields follow."""
+    import datetime as _dt
+
+    from owlctl.formats.kinds import schema_name
+
+    created = created or _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat()
+    return {"schema": schema_name(kind), "owlctl_version": __version__, "created": created,
+            "command": command or kind, "model": model, "seconds": dict(seconds or {})}
 
 
 def replace_dir_atomically(tmp_dir: Path, final: Path, force: bool) -> None:

@@ -1,17 +1,18 @@
-"""The ``owlctl.allocation/1`` contract: one sparsity (or N of N:M) per decoder block.
+"""The ``owlctl.allocation/2`` contract: one sparsity (or N of N:M) per decoder block (the type is
+formats.documents.AllocationDoc; /1 files are read and upgraded).
 
-    {"schema": "owlctl.allocation/1", "owlctl_version", "created",
+    {envelope: schema, owlctl_version, created, command, model (the profile's), seconds,
      "profile": {"sha256": str|null, "path": str|null,             # null for `prune --uniform`
                  "calibration": {...}|null},                       # the profile's calibration block (BOS, text)
-     "model": {...},                                               # the profile's model dict (or the model's own)
      "params": {allocator, target_sparsity, outlier_m, lambda, balance, clamp, min_sparsity, max_sparsity,
-                special},
+                special, search|null},
      "pattern": {"kind": "unstructured"} | {"kind": "nm", "n_keep": int, "m": int},   # n_keep = weights KEPT
      "blocks": [{index, name, numel, outlier_pct (percent)|null, sparsity (fraction), n_keep|null}],
-     "achieved": {mean_sparsity (unweighted), param_weighted_sparsity, target_sparsity|null, drift|null}}
+     "target_sparsity": float|null, "allocated_sparsity": float (parameter-weighted mean),
+     "mean_block_sparsity": float (unweighted), "drift": float|null}
 
-For N:M, block sparsity = 1 - n_keep/m and achieved.target_sparsity is the uniform pattern's sparsity,
-so drift reports how far rounding and clamping moved the mixed N:M mean.
+For N:M, block sparsity = 1 - n_keep/m and target_sparsity is the uniform pattern's sparsity, so drift
+reports how far rounding and clamping moved the mixed N:M mean.
 """
 
 from __future__ import annotations
@@ -23,11 +24,12 @@ from typing import Any, Sequence
 
 from owlctl.formats._io import check_schema, dumps, header, read_json, sha256_bytes, sha256_file, write_json
 from owlctl.formats.profile import DocChecker
+from owlctl.options import Allocator, Balance, Clamp
 
 ALLOCATION_HINT = "re-create it with `owlctl allocate PROFILE -o allocation.json`"
-ALLOCATORS = ("owl", "uniform")
-BALANCES = ("blocks", "params")
-CLAMPS = ("redistribute", "reference", "none")
+ALLOCATORS = Allocator.values()
+BALANCES = Balance.values()
+CLAMPS = Clamp.values()
 
 
 def _mean(values: Sequence[float], weights: Sequence[float] | None = None) -> float:
@@ -50,6 +52,7 @@ def build_allocation_doc(
     profile_path: str | None = None,
     profile_calibration: dict | None = None,
     created: str | None = None,
+    command: str = "allocate",
 ) -> dict:
     """Assemble (and validate) an allocation document. Give ``sparsities`` for unstructured, ``n_keeps`` for N:M."""
     n = len(block_names)
@@ -76,19 +79,15 @@ def build_allocation_doc(
     mean = _mean([b["sparsity"] for b in blocks])
     weighted = _mean([b["sparsity"] for b in blocks], [b["numel"] for b in blocks])
     doc = {
-        **header("allocation"),
-        "created": created or datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        **header("allocation", command, dict(model), created=created),
         "profile": {"sha256": profile_sha256, "path": profile_path, "calibration": profile_calibration},
-        "model": dict(model),
         "params": dict(params),
         "pattern": dict(pattern),
         "blocks": blocks,
-        "achieved": {
-            "mean_sparsity": mean,
-            "param_weighted_sparsity": weighted,
-            "target_sparsity": target,
-            "drift": None if target is None else weighted - target,
-        },
+        "target_sparsity": target,
+        "allocated_sparsity": weighted,  # parameter-weighted: the fraction of prunable weights removed
+        "mean_block_sparsity": mean,
+        "drift": None if target is None else weighted - target,
     }
     return validate_allocation(doc, source="allocation")
 
@@ -98,7 +97,7 @@ def validate_allocation(doc: Any, source: str = "allocation") -> dict:
     c = DocChecker(source, ALLOCATION_HINT)
     if not isinstance(doc, dict):
         raise c.fail("top level is not an object")
-    check_schema(doc, "allocation", source=source)
+    doc = check_schema(doc, "allocation", source=source)
     prof = c.get(doc, "profile", "dict", "allocation")
     c.get(prof, "sha256", "str", "profile", nullable=True)
     c.get(prof, "path", "str", "profile", nullable=True)
@@ -155,12 +154,13 @@ def validate_allocation(doc: Any, source: str = "allocation") -> dict:
             if not 0 <= s < 1:
                 raise c.fail(f"{where}.sparsity must be in [0, 1), got {s}")
 
-    ach = c.get(doc, "achieved", "dict", "allocation")
-    c.get(ach, "mean_sparsity", "num", "achieved")
-    c.get(ach, "param_weighted_sparsity", "num", "achieved")
-    c.get(ach, "target_sparsity", "num", "achieved", nullable=True)
-    c.get(ach, "drift", "num", "achieved", nullable=True)
-    return doc
+    c.get(doc, "allocated_sparsity", "num", "allocation")
+    c.get(doc, "mean_block_sparsity", "num", "allocation")
+    c.get(doc, "target_sparsity", "num", "allocation", nullable=True)
+    c.get(doc, "drift", "num", "allocation", nullable=True)
+    from owlctl.formats.documents import validate
+
+    return validate("allocation", doc, source)
 
 
 def write_allocation(doc: dict, path: str | os.PathLike, force: bool = False):

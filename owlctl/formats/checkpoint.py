@@ -27,6 +27,10 @@ from owlctl.errors import FormatError
 from owlctl.formats._io import OutputClaim, check_schema, dumps, header
 
 REPORT = "owlctl-report.json"
+# What an export or a packed directory copies from the model directory beside its weights.
+SIDE_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+              "special_tokens_map.json", "tokenizer.model", "vocab.json", "merges.txt", "chat_template.jinja",
+              "added_tokens.json", "allocation.json", "owlctl-report.json", "owlctl-source.json")
 ALLOCATION = "allocation.json"
 SOURCE = "owlctl-source.json"
 
@@ -91,7 +95,9 @@ def save_checkpoint(model: Any, tokenizer: Any, output: Path, *, force: bool, al
         for st in tmp.glob("*.safetensors"):
             _rewrite_safetensors_metadata(st, meta)
         if report is not None:
-            (tmp / REPORT).write_text(dumps(report))
+            from owlctl.formats.documents import validate
+
+            (tmp / REPORT).write_text(dumps(validate("report", report)))
         (tmp / SOURCE).write_text(dumps(source))
     return output
 
@@ -112,15 +118,16 @@ def read_checkpoint_records(path: Path) -> dict:
     if allocation is None and (path / ALLOCATION).is_file():
         allocation = json.loads((path / ALLOCATION).read_text())
     if allocation is not None:
-        check_schema(allocation, "allocation", source=str(path))
+        allocation = check_schema(allocation, "allocation", source=str(path))
     report = json.loads((path / REPORT).read_text()) if (path / REPORT).is_file() else None
     if report is not None:
-        check_schema(report, "report", source=str(path / REPORT))
+        report = check_schema(report, "report", source=str(path / REPORT))
     source = json.loads((path / SOURCE).read_text()) if (path / SOURCE).is_file() else None
     return {"allocation": allocation, "report": report, "source": source}
 
 
-def report_doc(model_info: dict, method: str, pattern: dict, blocks: list[dict], seconds: dict) -> dict:
+def report_doc(model_info: dict, method: str, pattern: dict, blocks: list[dict], seconds: dict,
+               command: str = "prune") -> dict:
     """The prune report. Sparsities are fractions of the prunable weights: ``realised`` = all exact zeros
     after pruning, ``pruned`` = the masks' positions, ``preexisting`` = zeros the weights had before pruning
     (a mask may select them), ``newly_zeroed`` = mask positions that were non-zero."""
@@ -131,7 +138,19 @@ def report_doc(model_info: dict, method: str, pattern: dict, blocks: list[dict],
             return None
         return sum(b[key] for b in blocks) / total if total else 0.0
 
-    return {**header("report"), "model": model_info, "method": method, "pattern": pattern,
+    return {**header("report", command, model_info, seconds), "method": method, "pattern": pattern,
             "realised_sparsity": frac("zeros"), "pruned_sparsity": frac("pruned"),
             "preexisting_sparsity": frac("preexisting_zeros"), "newly_zeroed_sparsity": frac("newly_zeroed"),
-            "blocks": blocks, "seconds": seconds}
+            "blocks": blocks}
+
+
+def copy_side_files(src: Path | None, dst: Path, tok: Any = None, model: Any = None) -> None:
+    """Copy config, tokenizer and owlctl records from ``src`` into ``dst`` (what is not there yet); the
+    tokenizer and config are saved from the live objects when the source has none."""
+    for f in SIDE_FILES:
+        if src is not None and (Path(src) / f).is_file() and not (dst / f).exists():
+            shutil.copy2(Path(src) / f, dst / f)
+    if tok is not None and not (dst / "tokenizer_config.json").exists():
+        tok.save_pretrained(dst)
+    if model is not None and not (dst / "config.json").exists():
+        model.config.save_pretrained(dst)

@@ -27,10 +27,6 @@ from owlctl.errors import FormatError, ModelError
 
 PACKED_JSON = "packed.json"
 PACKED_WEIGHTS = "model.packed.safetensors"
-SCHEMA = "owlctl.packed/1"
-_SIDE_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
-               "special_tokens_map.json", "tokenizer.model", "vocab.json", "merges.txt", "chat_template.jinja",
-               "added_tokens.json", "allocation.json", "owlctl-report.json", "owlctl-source.json")
 
 
 _DTYPES = ("float32", "float16", "bfloat16", "float64", "int64", "int32", "int16", "int8", "uint8", "bool")
@@ -115,8 +111,10 @@ def _packable(model: Any) -> set[str]:
     return names
 
 
-def write_packed(model: Any, out_dir: Path, source_dir: Path | None, source: dict) -> dict:
-    """Write the packed files of ``model`` into ``out_dir`` (an empty, temporary directory). Returns the header."""
+def write_packed(model: Any, out_dir: Path, source_dir: Path | None, model_ref: dict, command: str = "export",
+                 tok: Any = None) -> dict:
+    """Write the packed files of ``model`` into ``out_dir`` (an empty, temporary directory). Returns the header
+    (an owlctl.packed document)."""
     from safetensors.torch import save_file
 
     from owlctl import __version__
@@ -147,30 +145,33 @@ def write_packed(model: Any, out_dir: Path, source_dir: Path | None, source: dic
             tensors[name] = t.clone()
             e.update(encoding="dense")
         entries.append(e)
-    save_file(tensors, str(out_dir / PACKED_WEIGHTS), metadata={"owlctl.schema": SCHEMA,
+    from owlctl.formats._io import header
+    from owlctl.formats.checkpoint import copy_side_files
+    from owlctl.formats.kinds import schema_name
+
+    save_file(tensors, str(out_dir / PACKED_WEIGHTS), metadata={"owlctl.schema": schema_name("packed"),
                                                                  "owlctl.version": __version__})
-    if source_dir is not None:
-        for f in _SIDE_FILES:
-            if (Path(source_dir) / f).is_file():
-                shutil.copy2(Path(source_dir) / f, out_dir / f)
-    if not (out_dir / "config.json").is_file():
-        model.config.save_pretrained(out_dir)
+    copy_side_files(source_dir, out_dir, tok, model)
     packed_bytes = (out_dir / PACKED_WEIGHTS).stat().st_size
     packed_w = [e for e in entries if e.get("encoding") == "bitmask"]
+    numel, nnz = sum(e["numel"] for e in packed_w), sum(e["nnz"] for e in packed_w)
     head = {
-        "schema": SCHEMA, "owlctl_version": __version__, "source": source,
+        **header("packed", command, model_ref),
         "model_type": model.config.model_type, "torch_dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
         "encoding": {"bitmask": "numpy.packbits(bit pattern != 0, bitorder='little') over the row-major tensor",
                      "values": "nonzeros in row-major order, original dtype"},
         "tensors": entries,
         "packed_tensors": len(packed_w),
-        "packed_numel": sum(e["numel"] for e in packed_w),
-        "packed_nnz": sum(e["nnz"] for e in packed_w),
+        "packed_numel": numel,
+        "packed_nnz": nnz,
+        "realised_sparsity": 1 - nnz / numel if numel else 0.0,
         "dense_bytes": dense_bytes,
         "packed_bytes": packed_bytes,
         "size_ratio": packed_bytes / dense_bytes if dense_bytes else None,
     }
-    (out_dir / PACKED_JSON).write_text(json.dumps(head, indent=2, allow_nan=False) + "\n")
+    from owlctl.formats.documents import validate
+
+    (out_dir / PACKED_JSON).write_text(json.dumps(validate("packed", head), indent=2, allow_nan=False) + "\n")
     return head
 
 

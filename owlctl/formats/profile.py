@@ -84,7 +84,7 @@ def validate_profile(doc: Any, source: str = "profile") -> dict:
     c = DocChecker(source, PROFILE_HINT)
     if not isinstance(doc, dict):
         raise c.fail("top level is not an object")
-    check_schema(doc, "profile", source=source)
+    doc = check_schema(doc, "profile", source=source)
     model = c.get(doc, "model", "dict", "profile")
     for key in ("id", "model_type", "family", "content_sha256"):
         c.get(model, key, "str", "model")
@@ -144,7 +144,9 @@ def validate_profile(doc: Any, source: str = "profile") -> dict:
             total += lnumel
         if linears and total != numel:
             raise c.fail(f"{where}.numel is {numel} but its linears hold {total} weights")
-    return doc
+    from owlctl.formats.documents import validate
+
+    return validate("profile", doc, source)
 
 
 def read_profile(path: str | os.PathLike) -> tuple[dict, str]:

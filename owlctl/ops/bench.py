@@ -136,97 +136,107 @@ def _plan(cfg: BenchConfig) -> list[tuple[str, str, str, str | None]]:
 
 
 def bench(cfg: BenchConfig, progress: Any = None) -> dict:
-    """Benchmark and return one ``owlctl.bench/1`` document."""
-    import platform
+    """Benchmark and return one ``owlctl.bench`` document (rows, the comparison, the logits check)."""
+    import time
 
     import torch
 
     from owlctl.engine.models import resolve_device
     from owlctl.formats._io import header
-    from owlctl.ops.common import now
 
+    t0 = time.perf_counter()
     _validate(cfg)
     if cfg.device != "cpu":
         resolve_device(cfg.device)
-    py = None
-    setup_info = None
-    if cfg.backend == "deepsparse":
-        from owlctl.deploy.eol import deepsparse_host
-
-        if cfg.setup:
-            setup_info = deepsparse_host.setup_deepsparse()
-        py = deepsparse_host.deepsparse_python(cfg.deepsparse_python)
+    py, setup_info = _deepsparse(cfg)
     plan = _plan(cfg)
+    meta = _models(cfg, plan)
+    vocab = min(m["vocab_size"] for m in meta.values())
+    prompt = torch.randint(0, vocab, (cfg.batch_size, cfg.prompt_len), generator=torch.Generator().manual_seed(cfg.seed))
+    old_threads = torch.get_num_threads()
+    torch.set_num_threads(cfg.threads)
+    try:
+        rows = _rows(cfg, plan, prompt, py, progress)
+        torch_threads = torch.get_num_threads()
+    finally:
+        torch.set_num_threads(old_threads)
+    settings = {"backend": cfg.backend, "prompt_len": cfg.prompt_len, "new_tokens": cfg.new_tokens,
+                "batch_size": cfg.batch_size, "runs": cfg.runs, "warmup": cfg.warmup, "threads": cfg.threads,
+                "torch_num_threads": torch_threads, "device": cfg.device, "dtype": cfg.dtype,
+                "sparse_kernel": cfg.sparse_kernel if cfg.backend == "torch-sparse" else None,
+                "seed": cfg.seed, "prompt": "random token ids (seeded)", "decode": "greedy, KV cache",
+                "statistic": "median over runs; step percentiles pool all timed steps"}
+    return {**header("bench", "bench", {"id": cfg.model, "spec": cfg.model},
+                     {"total": round(time.perf_counter() - t0, 3)}),
+            "settings": settings, "host": _host(cfg), "models": meta, "rows": rows, "comparison": _comparison(rows),
+            "logits_check": logits_check(rows, meta, cfg),
+            **({"deepsparse_setup": setup_info} if setup_info else {})}
+
+
+def _deepsparse(cfg: BenchConfig) -> tuple[Any, Any]:
+    """DeepSparse's interpreter (set up first with --setup), checked before any work; (None, None) otherwise."""
+    if cfg.backend != "deepsparse":
+        return None, None
+    from owlctl.deploy.eol import deepsparse_host
+
+    setup_info = deepsparse_host.setup_deepsparse() if cfg.setup else None
+    return deepsparse_host.deepsparse_python(cfg.deepsparse_python), setup_info
+
+
+def _models(cfg: BenchConfig, plan: list) -> dict:
+    from owlctl.deploy.onnx import is_onnx_export
+
     meta = {}
     for _label, spec, _b, _k in plan:
-        from owlctl.ops.export import is_onnx_export
-
         if is_onnx_export(spec) and cfg.backend in ("torch", "torch-sparse"):
             raise InputError(f"{spec} is an ONNX export; the torch backends need a model directory",
                              hint="pass the checkpoint, or use --backend onnxruntime / deepsparse")
         meta[spec] = _check_context(spec, cfg)
-    vocab = min(m["vocab_size"] for m in meta.values())
-    g = torch.Generator().manual_seed(cfg.seed)
-    prompt = torch.randint(0, vocab, (cfg.batch_size, cfg.prompt_len), generator=g)
+    return meta
 
-    old_threads = torch.get_num_threads()
-    torch.set_num_threads(cfg.threads)
+
+def _rows(cfg: BenchConfig, plan: list, prompt: Any, py: Any, progress: Any) -> list[dict]:
+    from owlctl.deploy.eol.deepsparse_row import row_deepsparse
+    from owlctl.deploy.runtimes.onnxruntime import row_onnxruntime
+    from owlctl.deploy.runtimes.torch import row_torch
+    from owlctl.progress import task as progress_task
+
     rows = []
-    try:
-        from owlctl.deploy.eol.deepsparse_row import row_deepsparse
-        from owlctl.deploy.runtimes.onnxruntime import row_onnxruntime
-        from owlctl.deploy.runtimes.torch import row_torch
-        from owlctl.progress import task as progress_task
+    with progress_task(progress, "bench", len(plan) * (cfg.warmup + cfg.runs)) as task:
+        for label, spec, backend, kernel in plan:
+            if backend in ("torch", "torch-sparse"):
+                rows.append(row_torch(spec, cfg, prompt, kernel, task, label))
+            elif backend == "onnxruntime":
+                rows.append(row_onnxruntime(spec, cfg, prompt, task, label))
+            else:
+                rows.append(row_deepsparse(spec, cfg, prompt, task, label, py))
+    return rows
 
-        with progress_task(progress, "bench", len(plan) * (cfg.warmup + cfg.runs)) as task:
-            for label, spec, backend, kernel in plan:
-                if backend in ("torch", "torch-sparse"):
-                    rows.append(row_torch(spec, cfg, prompt, kernel, task, label))
-                elif backend == "onnxruntime":
-                    rows.append(row_onnxruntime(spec, cfg, prompt, task, label))
-                else:
-                    rows.append(row_deepsparse(spec, cfg, prompt, task, label, py))
-        torch_threads = torch.get_num_threads()
-    finally:
-        torch.set_num_threads(old_threads)
+
+def _comparison(rows: list[dict]) -> dict | None:
     from owlctl.deploy.measure import ratio
 
-    comparison = None
-    if len(rows) == 2:
-        d, s = rows
-        comparison = {
-            "baseline": d["label"], "candidate": s["label"],
+    if len(rows) != 2:
+        return None
+    d, s = rows
+    return {"baseline": d["label"], "candidate": s["label"],
             "decode_speedup": ratio(s["decode"]["tokens_per_s"], d["decode"]["tokens_per_s"]),
             "prefill_speedup": ratio(s["prefill"]["tokens_per_s"], d["prefill"]["tokens_per_s"]),
-            "p50_step_latencyratio": ratio(s["decode"]["step_ms"]["p50"], d["decode"]["step_ms"]["p50"]),
-        }
+            "p50_step_latency_ratio": ratio(s["decode"]["step_ms"]["p50"], d["decode"]["step_ms"]["p50"])}
+
+
+def _host(cfg: BenchConfig) -> dict:
+    import platform
+
+    import torch
+
+    from owlctl.deploy.eol.deepsparse_host import cpu_info
+
     versions = {"python": platform.python_version(), "torch": torch.__version__}
     for mod in ("transformers", "onnxruntime", "onnx", "numpy"):
         try:
             versions[mod] = __import__(mod).__version__
         except ImportError:
             versions[mod] = None
-    return {
-        **header("bench"), "created": now(),
-        "settings": {"backend": cfg.backend, "prompt_len": cfg.prompt_len, "new_tokens": cfg.new_tokens,
-                     "batch_size": cfg.batch_size, "runs": cfg.runs, "warmup": cfg.warmup, "threads": cfg.threads,
-                     "torch_num_threads": torch_threads, "device": cfg.device, "dtype": cfg.dtype,
-                     "sparse_kernel": cfg.sparse_kernel if cfg.backend == "torch-sparse" else None,
-                     "seed": cfg.seed, "prompt": "random token ids (seeded)", "decode": "greedy, KV cache",
-                     "statistic": "median over runs; step percentiles pool all timed steps"},
-        "host": {"cpu": _cpu_info(), "platform": platform.platform(), "versions": versions,
-                 "cuda": torch.cuda.get_device_name() if cfg.device.startswith("cuda") else None},
-        "models": meta,
-        "rows": rows,
-        "comparison": comparison,
-        "logits_check": logits_check(rows, meta, cfg),
-        **({"deepsparse_setup": setup_info} if setup_info else {}),
-    }
-
-
-def _cpu_info() -> dict:
-    from owlctl.deploy.eol.deepsparse_host import cpu_info
-
-    return cpu_info()
-
-
+    return {"cpu": cpu_info(), "platform": platform.platform(), "versions": versions,
+            "cuda": torch.cuda.get_device_name() if cfg.device.startswith("cuda") else None}

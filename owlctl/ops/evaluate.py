@@ -1,6 +1,6 @@
 """`owlctl eval`: perplexity with the reference protocol, a sparsity audit, and optional zero-shot accuracy.
 
-    evaluate(EvalConfig(model=...))            loads the model (and --compare's), returns one owlctl.eval/1 doc
+    evaluate(EvalConfig(model=...))            loads the model (and --compare's), returns one owlctl.eval doc
     evaluate_loaded(model, tok, data=...)      the same on a model already in memory (e.g. just pruned)
     audit_sparsity(model, records)             realised zeros per block / Linear vs the recorded allocation
 
@@ -25,6 +25,7 @@ from owlctl.engine.evaluation.audit import audit_sparsity
 from owlctl.engine.evaluation.loaded import _expand_tasks, evaluate_loaded
 from owlctl.engine.evaluation.texts import C4_WINDOWS, SPLITS, _windows_cap, calibration_records, check_calibration_overlap, token_streams
 from owlctl.engine.evaluation.defaults import eval_defaults
+from owlctl.errors import ModelError
 
 __all__ = ["EvalConfig", "evaluate", "evaluate_loaded", "audit_sparsity", "eval_defaults", "token_streams",
            "check_calibration_overlap", "PAPER_TASKS", "C4_WINDOWS"]
@@ -94,13 +95,17 @@ def _validate(cfg: EvalConfig) -> None:
 # ---------------------------------------------------------------------------------------- evaluate
 def _load(spec: str, dtype: str) -> tuple[Any, Any, Any, dict]:
     from owlctl.engine.models import load_model
+    from owlctl.families import resolve
     from owlctl.formats.checkpoint import read_checkpoint_records
 
     model, tok, info = load_model(spec, dtype)
     records = read_checkpoint_records(Path(info.path))
-    desc = {"id": info.id, "spec": spec, "path": info.path, "model_type": info.model_type,
-            "content_sha256": info.content_sha256, "source": records.get("source")}
-    return model, tok, records, desc
+    try:
+        layout = resolve(model)
+        ref = info.as_dict(layout.family.name, layout.num_blocks)
+    except ModelError:  # not a family owlctl can walk: still evaluable, only the audit is empty
+        ref = info.as_dict()
+    return model, tok, records, ref
 
 
 def _same_tokenizer(a: Any, b: Any) -> bool:
@@ -127,7 +132,7 @@ def _check_compare_tokenizer(cfg: EvalConfig, tok: Any) -> None:
 
 
 def evaluate(cfg: EvalConfig, progress: Any = None) -> dict:
-    """Load ``cfg.model`` (and ``cfg.compare``), evaluate, and return one owlctl.eval/1 document.
+    """Load ``cfg.model`` (and ``cfg.compare``), evaluate, and return one owlctl.eval document.
     The window length, the data and the zero-shot tasks are checked before any weight is read."""
     from owlctl.engine.models import load_tokenizer, local_dir, model_config, origin_id, resolve_device
     from owlctl.formats._io import header
@@ -171,32 +176,36 @@ def evaluate(cfg: EvalConfig, progress: Any = None) -> dict:
               ppl=cfg.ppl, tasks=tasks, limit=cfg.limit, task_dir=cfg.task_dir, device=device, streams=streams,
               progress=progress, bos=bos or cfg.bos)
     res = evaluate_loaded(model, tok, data=data, records=records, **kw)
-    compare = None
+    comparison = None
     if cfg.compare is not None:
         del model
         gc.collect()
-        t0 = time.perf_counter()
-        other, other_tok, other_records, other_desc = _load(cfg.compare, cfg.dtype)
-        t_other = round(time.perf_counter() - t0, 3)
-        other_res = evaluate_loaded(other, other_tok, data=data, records=other_records, **kw)
-        other_res["seconds"]["load"] = t_other
-        ratio = {s: (other_res["perplexity"][s]["ppl"] / r["ppl"] if r["ppl"] and other_res["perplexity"][s]["ppl"]
-                     else None) for s, r in res["perplexity"].items()}
-        compare = {"model": other_desc, **other_res, "ratio": ratio,
-                   "identical_windows": all(other_res["perplexity"][s]["windows_sha256"] == r["windows_sha256"]
-                                            for s, r in res["perplexity"].items())}
-        del other
-        gc.collect()
+        comparison = _comparison(cfg, data, kw, res)
     seconds = {"load": round(t_load, 3), **res["seconds"], "total": round(time.perf_counter() - t_start, 3)}
-    return {**header("eval"), "created": now(), "model": desc,
-            "settings": {"data": list(data), "split": cfg.split, "seqlen": seqlen, "batch_size": cfg.batch_size,
-                         "max_windows": cfg.max_windows, "device": device, "dtype": cfg.dtype,
-                         "bos": bos, "bos_requested": cfg.bos,
-                         "protocol": ("reference (SPEC 7.1): floor(n/seqlen) non-overlapping windows, remainder "
-                                      "dropped, fp32 cross-entropy, ppl = exp(mean window CE)" if bos != "always"
-                                      else "SPEC 7.1 with a BOS per window: [BOS] + seqlen-1 stream tokens, "
-                                           "floor(n/(seqlen-1)) windows, remainder dropped, fp32 cross-entropy, "
-                                           "ppl = exp(mean window CE)"),
-                         "calibration_overlap": overlap},
-            "perplexity": res["perplexity"], "audit": res["audit"], "zeroshot": res["zeroshot"],
-            "compare": compare, "seconds": seconds}
+    settings = {"data": list(data), "split": cfg.split, "seqlen": seqlen, "batch_size": cfg.batch_size,
+                "max_windows": cfg.max_windows, "device": device, "dtype": cfg.dtype, "bos": bos,
+                "bos_requested": cfg.bos, "protocol": PROTOCOL[bos == "always"], "calibration_overlap": overlap}
+    return {**header("eval", "eval", desc, seconds), "settings": settings, "perplexity": res["perplexity"],
+            "audit": res["audit"], "zeroshot": res["zeroshot"], "comparison": comparison}
+
+
+PROTOCOL = {False: "reference (SPEC 7.1): floor(n/seqlen) non-overlapping windows, remainder dropped, fp32 "
+                   "cross-entropy, ppl = exp(mean window CE)",
+            True: "SPEC 7.1 with a BOS per window: [BOS] + seqlen-1 stream tokens, floor(n/(seqlen-1)) windows, "
+                  "remainder dropped, fp32 cross-entropy, ppl = exp(mean window CE)"}
+
+
+def _comparison(cfg: EvalConfig, data: Any, kw: dict, res: dict) -> dict:
+    """``--compare``: the second model on the identical token windows, and other/this per source."""
+    t0 = time.perf_counter()
+    other, other_tok, other_records, other_desc = _load(cfg.compare, cfg.dtype)
+    t_other = round(time.perf_counter() - t0, 3)
+    other_res = evaluate_loaded(other, other_tok, data=data, records=other_records, **kw)
+    other_res["seconds"]["load"] = t_other
+    del other
+    gc.collect()
+    ratio = {s: (other_res["perplexity"][s]["ppl"] / r["ppl"] if r["ppl"] and other_res["perplexity"][s]["ppl"]
+                 else None) for s, r in res["perplexity"].items()}
+    return {"model": other_desc, **other_res, "ratio": ratio,
+            "identical_windows": all(other_res["perplexity"][s]["windows_sha256"] == r["windows_sha256"]
+                                     for s, r in res["perplexity"].items())}

@@ -141,10 +141,13 @@ def finetune(cfg: FinetuneConfig, progress: Any = None) -> dict:
     with output_claim(output if state.is_main_process else None, cfg.force, "dir", inputs=[ckpt]) as claim:
         run = FinetuneRun(cfg, ckpt, output, records, state, claim, progress)
         doc = run.run()
-    return {"output": str(output), "checkpoint": str(ckpt), "mode": cfg.mode, "model": run.model_dict,
+    from owlctl.formats._io import header
+
+    return {**header("finetune", "finetune", run.model_dict, {k: round(v, 3) for k, v in run.seconds.items()}),
+            "output": str(output), "checkpoint": str(ckpt), "mode": cfg.mode,
             "lora": doc["lora"], "data": doc["data"], "training": doc["training"], "eval": doc["eval"],
             "delta_removed": doc["delta_removed"], "sparsity": doc["sparsity"], "warnings": run.notes,
-            "seconds": {k: round(v, 3) for k, v in run.seconds.items()}, "peak_rss_mb": round(peak_rss_mb(), 1),
+            "peak_rss_mb": round(peak_rss_mb(), 1),
             "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()},
             "process": {"index": state.process_index, "count": state.num_processes,
                         "main": state.is_main_process}}

@@ -96,8 +96,11 @@ def pipeline(cfg: PipelineConfig, progress: Any = None, log: Any = None) -> dict
         if claim is not None:
             from owlctl.formats._io import dumps
 
+            from owlctl.formats.documents import validate
+            from owlctl.formats.kinds import parse_schema
+
             for name, d in files.items():
-                (claim.tmp / name).write_text(dumps(d), encoding="utf-8")
+                (claim.tmp / name).write_text(dumps(validate(parse_schema(d["schema"])[0], d)), encoding="utf-8")
             claim.commit()
     return doc
 
@@ -126,14 +129,15 @@ def _run(cfg: PipelineConfig, plan: _Plan, progress: Any, say: Any, claim: Any) 
     t0 = time.perf_counter()
     say(f"profiling ({plan.nsamples} x {plan.seqlen} tokens of {plan.source})")
     prof, _ = profile_model(base, tok, info, calib, outlier_m=tuple(sorted({3.0, 5.0, 7.0, float(cfg.outlier_m)})),
-                            device=device, batch_size=cfg.batch_size, progress=progress)
+                            device=device, batch_size=cfg.batch_size, progress=progress, command="pipeline")
     seconds["profile"] = round(time.perf_counter() - t0, 2)
     model_dict = info.as_dict(layout.family.name, layout.num_blocks)
     allocs = {
         "uniform": uniform_allocation(model_dict, [b["name"] for b in prof["blocks"]],
-                                      [b["numel"] for b in prof["blocks"]], target_sparsity=cfg.target_sparsity),
+                                      [b["numel"] for b in prof["blocks"]], target_sparsity=cfg.target_sparsity,
+                                      command="pipeline"),
         "owl": allocation_from_profile(prof, None, None, target_sparsity=cfg.target_sparsity,
-                                       outlier_m=cfg.outlier_m, lam=cfg.lam),
+                                       outlier_m=cfg.outlier_m, lam=cfg.lam, command="pipeline"),
     }
     ctx = _Context(cfg, plan, tok, info, model_dict, calib, streams, bos, device, progress, say, seconds, claim)
     rows = [ctx.evaluate(base, "dense", None)]
@@ -141,7 +145,7 @@ def _run(cfg: PipelineConfig, plan: _Plan, progress: Any, say: Any, claim: Any) 
     for label, alloc in allocs.items():
         rows.append(ctx.prune_and_evaluate(base, label, alloc, checkpoints))
     seconds["total"] = round(time.perf_counter() - t_start, 2)
-    doc = {**header("pipeline"), "created": now(), "model": model_dict, "method": cfg.method,
+    doc = {**header("pipeline", "pipeline", model_dict, seconds), "method": cfg.method,
            "target_sparsity": cfg.target_sparsity, "outlier_m": cfg.outlier_m, "lambda": cfg.lam,
            "calibration": calib.as_dict(),
            "evaluation": {"data": list(plan.data), "split": cfg.eval_split, "seqlen": plan.eval_seqlen,
@@ -149,7 +153,7 @@ def _run(cfg: PipelineConfig, plan: _Plan, progress: Any, say: Any, claim: Any) 
                           "calibration_overlap": overlap},
            "results": rows, "owl_block_sparsity": [b["sparsity"] for b in allocs["owl"]["blocks"]],
            "outlier_pct": [b["outlier_pct"] for b in allocs["owl"]["blocks"]],
-           "checkpoints": checkpoints, "seconds": seconds, "peak_rss_mb": round(peak_rss_mb(), 1),
+           "checkpoints": checkpoints, "peak_rss_mb": round(peak_rss_mb(), 1),
            "full_size_hint": FULL_SIZE_HINT}
     files = {"profile.json": prof, **{f"allocation-{k}.json": a for k, a in allocs.items()}, "pipeline.json": doc}
     return doc, files
@@ -184,11 +188,10 @@ class _Context:
                               streams=self.streams, progress=self.progress, bos=self.bos)
         self.seconds[f"eval_{label}"] = round(time.perf_counter() - t, 2)
         ppl = res["perplexity"]
-        sp = [b["sparsity"] for b in blocks] if blocks else [0.0]
+        sp = [b["realised_sparsity"] for b in blocks] if blocks else [0.0]
         total = sum(b["numel"] for b in blocks) if blocks else 1
         return {"variant": "dense" if blocks is None else f"{self.cfg.method} {label}",
-                "perplexity": {k: v["ppl"] for k, v in ppl.items()},
-                "windows": {k: v["windows"] for k, v in ppl.items()},
+                "perplexity": ppl,
                 "realised_sparsity": sum(b["zeros"] for b in blocks) / total if blocks else 0.0,
                 "preexisting_sparsity": sum(b["preexisting_zeros"] for b in blocks) / total if blocks else None,
                 "block_sparsity_min": min(sp), "block_sparsity_max": max(sp),
@@ -210,7 +213,7 @@ class _Context:
             from owlctl.formats.checkpoint import report_doc, save_checkpoint
 
             name = f"{self.cfg.method}-{label}"
-            report = report_doc(self.model_dict, self.cfg.method, alloc["pattern"], blocks, {})
+            report = report_doc(self.model_dict, self.cfg.method, alloc["pattern"], blocks, {}, command="pipeline")
             report["calibration"] = self.calib.as_dict()  # so `owlctl eval` can refuse overlapping text
             save_checkpoint(model, self.tok, self.claim.tmp / name, force=False, allocation=alloc, report=report,
                             source={"id": self.info.id, "content_sha256": self.info.content_sha256,

@@ -37,7 +37,7 @@ def plot_allocation(doc: dict, path: str | os.PathLike, force: bool = False) -> 
     x = [b["index"] for b in blocks]
     pcts = [b["outlier_pct"] for b in blocks]
     sparsity = [100.0 * b["sparsity"] for b in blocks]
-    target = doc["achieved"]["target_sparsity"]
+    target = doc["target_sparsity"]
     params, pattern = doc["params"], doc["pattern"]
 
     fig = Figure(figsize=(max(6.0, 0.25 * len(x) + 3.0), 3.6), layout="constrained")

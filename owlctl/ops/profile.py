@@ -25,7 +25,7 @@ class ProfileConfig(ComputeOptions, CalibrationOptions):
 
 def profile(cfg: ProfileConfig, progress: Any = None) -> dict:
     """Load the model and calibration data, profile, and write the profile JSON (when ``output`` is set).
-    Returns a summary document (``owlctl.profile/1`` document under "profile", plus timings)."""
+    Returns the profile document (with where it was written and the peak memory)."""
     from owlctl.engine.models import model_config
     from owlctl.ops.checks import check_seqlen, context_length, model_inputs
     from owlctl.ops.common import calib_defaults, output_claim
@@ -57,14 +57,11 @@ def profile(cfg: ProfileConfig, progress: Any = None) -> dict:
                             bos_requested=cfg.bos)  # before any weight
         model, tok, info = load_model(cfg.model, cfg.dtype)
         t_load = time.perf_counter() - t0
-        doc, timings = profile_model(model, tok, info, calib, outlier_m=ms, device=device,
-                                     batch_size=cfg.batch_size, progress=progress)
+        doc, _ = profile_model(model, tok, info, calib, outlier_m=ms, device=device, batch_size=cfg.batch_size,
+                               progress=progress)
+        doc["seconds"] = {"load": round(t_load, 3), **doc["seconds"], "total": round(time.perf_counter() - t0, 3)}
         if claim is not None:
-            from owlctl.formats._io import dumps
+            from owlctl.formats._io import write_claimed
 
-            claim.tmp.write_text(dumps(doc), encoding="utf-8")
-            claim.commit()
-    return {"profile": doc, "output": str(cfg.output) if cfg.output else None,
-            "seconds": {"load": round(t_load, 3), **timings.as_dict(),
-                        "total": round(time.perf_counter() - t0, 3)},
-            "peak_rss_mb": round(peak_rss_mb(), 1)}
+            write_claimed(claim, "profile", doc)
+    return {**doc, "output": str(cfg.output) if cfg.output else None, "peak_rss_mb": round(peak_rss_mb(), 1)}

@@ -133,7 +133,7 @@ def _check_same_model(recorded: dict, actual: dict, what: str, fix: str) -> None
                          f"{actual['content_sha256'][:12]})", hint=f"re-create it with `{fix}`")
 
 
-def prune(cfg: PruneConfig, progress: Any = None) -> dict:
+def prune(cfg: PruneConfig, progress: Any = None, command: str = "prune") -> dict:
     """Prune and save a checkpoint (when ``output`` is set). Returns the summary document.
 
     Order: every check that needs no weights (options, config.json shapes and context, the profile or
@@ -159,11 +159,11 @@ def prune(cfg: PruneConfig, progress: Any = None) -> dict:
     inputs = model_inputs(cfg.model) + [cfg.from_profile, cfg.allocation]
     with output_claim(output, cfg.force, "dir", inputs=inputs, need_bytes=weights_bytes(local)) as claim:
         return _prune_claimed(cfg, claim, early, (source, nsamples, seqlen) if needs_data else None, t_start,
-                              progress)
+                              progress, command)
 
 
 def _prune_claimed(cfg: PruneConfig, claim: Any, early: dict | None, calib_args: tuple | None,
-                   t_start: float, progress: Any) -> dict:
+                   t_start: float, progress: Any, command: str) -> dict:
     from owlctl.core.methods import MethodOptions
     from owlctl.engine.data import calibration
     from owlctl.engine.models import load_model, load_tokenizer, local_dir, resolve_device
@@ -195,7 +195,7 @@ def _prune_claimed(cfg: PruneConfig, claim: Any, early: dict | None, calib_args:
     model_dict = info.as_dict(layout.family.name, layout.num_blocks)
     seconds = {"load": round(t_load, 3), "calibration_data": round(t_calib, 3), **timings.as_dict(),
                "total": round(time.perf_counter() - t_start, 3)}
-    report = report_doc(model_dict, cfg.method, alloc["pattern"], rows, seconds)
+    report = report_doc(model_dict, cfg.method, alloc["pattern"], rows, seconds, command=command)
     report["calibration"] = calib.as_dict() if calib is not None else None
     report["method_options"] = {"wanda_group": cfg.wanda_group, "wanda_variant": cfg.wanda_variant,
                                 "blocksize": cfg.blocksize, "percdamp": cfg.percdamp}
@@ -206,18 +206,25 @@ def _prune_claimed(cfg: PruneConfig, claim: Any, early: dict | None, calib_args:
         save_checkpoint(model, tok, output, force=cfg.force, allocation=alloc, report=report,
                         source={"id": info.id, "content_sha256": info.content_sha256, "method": cfg.method},
                         claim=claim)
-    mismatched = [(b["name"], r["name"]) for b in rows for r in b["linears"]
+    return _summary(report, alloc, output, peak_rss_mb(), model_bytes(model))
+
+
+def _summary(report: dict, alloc: dict, output: Path | None, peak_mb: float, model_b: int) -> dict:
+    """The owlctl.prune document: what was asked, allocated and realised, per block, with the mask check."""
+    from owlctl.formats._io import header
+
+    mismatched = [(b["name"], r["name"]) for b in report["blocks"] for r in b["linears"]
                   if r["expected_pruned"] >= 0 and r["pruned"] != r["expected_pruned"]]
-    return {"output": str(output) if output else None, "method": cfg.method,
-            "allocation": alloc["params"]["allocator"], "pattern": alloc["pattern"],
-            "target_sparsity": alloc["achieved"].get("target_sparsity"),
-            "allocated_sparsity": alloc["achieved"]["param_weighted_sparsity"],
+    return {**header("prune", report["command"], report["model"], report["seconds"]),
+            "output": str(output) if output else None, "method": report["method"],
+            "allocator": alloc["params"]["allocator"], "pattern": alloc["pattern"],
+            "target_sparsity": alloc["target_sparsity"], "allocated_sparsity": alloc["allocated_sparsity"],
             "realised_sparsity": report["realised_sparsity"], "pruned_sparsity": report["pruned_sparsity"],
             "preexisting_sparsity": report["preexisting_sparsity"], "mask_mismatches": len(mismatched),
-            "blocks": [{"index": b["index"], "target": b["target_sparsity"], "realised": b["sparsity"]} for b in rows],
-            "seconds": seconds, "peak_rss_mb": round(peak_rss_mb(), 1),
-            "model_mb": round(model_bytes(model) / 2**20, 1), "model": model_dict,
-            "_model": model, "_tokenizer": tok}
+            "blocks": [{"index": b["index"], "target_sparsity": b["target_sparsity"],
+                        "realised_sparsity": b["realised_sparsity"]} for b in report["blocks"]],
+            "calibration": report["calibration"], "peak_rss_mb": round(peak_mb, 1),
+            "model_mb": round(model_b / 2**20, 1)}
 
 
 def nm(cfg: PruneConfig, progress: Any = None) -> dict:
@@ -228,4 +235,4 @@ def nm(cfg: PruneConfig, progress: Any = None) -> dict:
         raise InputError("owlctl nm needs --pattern N:M (N weights kept per group of M, e.g. 2:4)")
     if cfg.from_profile is None and cfg.allocation is None and not cfg.uniform:
         cfg = dataclasses.replace(cfg, uniform=True)  # plain N:M: every block the same pattern
-    return prune(cfg, progress)
+    return prune(cfg, progress, command="nm")

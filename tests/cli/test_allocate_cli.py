@@ -49,10 +49,10 @@ def test_json_output_is_one_document(prof):
     r = invoke("allocate", prof, "-s", 0.7, "--json")
     assert r.exit_code == 0, r.stderr
     doc = json.loads(r.stdout)
-    assert doc["schema"] == "owlctl.allocation/1"
+    assert doc["schema"] == "owlctl.allocation/2"
     assert [b["sparsity"] for b in doc["blocks"]] == pytest.approx([0.78, 0.70, 0.62, 0.70], abs=1e-12)
     assert doc["params"]["outlier_m"] == 5.0 and doc["params"]["lambda"] == 0.08  # the paper's defaults
-    assert doc["achieved"]["drift"] == pytest.approx(0.0, abs=1e-12)
+    assert doc["drift"] == pytest.approx(0.0, abs=1e-12)
     assert len(doc["profile"]["sha256"]) == 64
     assert r.stderr == ""
 
@@ -131,7 +131,7 @@ def test_existing_output_needs_force(prof, tmp_path):
     assert r.exit_code == 1 and "already exists" in r.stderr and "--force" in r.stderr
     assert out.read_text() == "precious"
     r = invoke("allocate", prof, "-s", 0.7, "-o", out, "--force")
-    assert r.exit_code == 0 and json.loads(out.read_text())["schema"] == "owlctl.allocation/1"
+    assert r.exit_code == 0 and json.loads(out.read_text())["schema"] == "owlctl.allocation/2"
 
 
 def test_usage_error_is_exit_2(prof):

@@ -34,10 +34,10 @@ def test_json_is_one_document(ckpt, tiny_llama, text_file):
               "--compare", tiny_llama, "--json")
     assert r.exit_code == 0, r.stderr
     doc = json.loads(r.stdout)  # the whole of stdout is one document
-    assert doc["schema"] == "owlctl.eval/1" and doc["owlctl_version"]
-    assert set(doc) >= {"created", "model", "perplexity", "audit", "zeroshot", "compare", "seconds"}
+    assert doc["schema"] == "owlctl.eval/2" and doc["owlctl_version"]
+    assert set(doc) >= {"created", "command", "model", "perplexity", "audit", "zeroshot", "comparison", "seconds"}
     assert doc["perplexity"][str(text_file)]["windows"] == 2
-    assert doc["compare"]["identical_windows"] and doc["audit"]["status"] == "ok"
+    assert doc["comparison"]["identical_windows"] and doc["audit"]["status"] == "ok"
     assert "evaluating" in r.stderr  # logs go to stderr
 
 

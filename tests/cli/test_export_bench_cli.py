@@ -30,7 +30,7 @@ def test_export_packed_json_and_table(pruned70, tmp_path):
     r = invoke("export", pruned70, "--format", "packed", "-o", tmp_path / "p", "--json")
     assert r.exit_code == 0, r.stderr
     doc = json.loads(r.stdout)  # exactly one document
-    assert doc["schema"] == "owlctl.packed/1" and doc["size_ratio"] < 1
+    assert doc["schema"] == "owlctl.export/1" and doc["packed"]["size_ratio"] < 1
     r = invoke("export", pruned70, "--format", "packed", "-o", tmp_path / "p")
     assert r.exit_code == 1 and "already exists" in r.stderr and "--force" in r.stderr
     r = invoke("export", pruned70, "--format", "packed", "-o", tmp_path / "p", "--force")
@@ -41,7 +41,7 @@ def test_export_onnx_json(pruned70, tmp_path):
     r = invoke("export", pruned70, "--format", "onnx", "--no-kv-cache", "-o", tmp_path / "o", "--json", "-q")
     assert r.exit_code == 0, r.stderr
     doc = json.loads(r.stdout)
-    assert doc["graph"]["kv_cache"] is False and doc["verification"]["max_abs_diff"] < 1e-4
+    assert doc["onnx"]["graph"]["kv_cache"] is False and doc["onnx"]["verification"]["max_abs_diff"] < 1e-4
     assert r.stderr == ""
 
 
@@ -67,7 +67,7 @@ def test_bench_json_is_one_document(pruned70):
     r = invoke("bench", pruned70, "--backend", "torch-sparse", "--prompt-len", 8, "--new-tokens", 3, "--json")
     assert r.exit_code == 0, r.stderr
     doc = json.loads(r.stdout)
-    assert doc["schema"] == "owlctl.bench/1" and len(doc["rows"]) == 2
+    assert doc["schema"] == "owlctl.bench/2" and len(doc["rows"]) == 2
     assert doc["settings"]["torch_num_threads"] == 1
 
 

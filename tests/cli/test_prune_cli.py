@@ -21,9 +21,9 @@ def test_profile_json_and_file(tiny_llama, text_file, tmp_path):
     r = runner.invoke(app, ["profile", str(tiny_llama), "-o", str(out), "--json", "--outlier-m", "3,5", *_calib(text_file)])
     assert r.exit_code == 0, r.stderr
     doc = json.loads(r.stdout)  # exactly one JSON document on stdout
-    assert doc["profile"]["schema"] == "owlctl.profile/1"
-    assert doc["profile"]["outlier_m"] == [3.0, 5.0]
-    assert json.loads(out.read_text())["blocks"] == doc["profile"]["blocks"]
+    assert doc["schema"] == "owlctl.profile/2"
+    assert doc["outlier_m"] == [3.0, 5.0] and doc["output"] == str(out)
+    assert json.loads(out.read_text())["blocks"] == doc["blocks"]
     r2 = runner.invoke(app, ["profile", str(tiny_llama), "-o", str(out), *_calib(text_file)])
     assert r2.exit_code == 1 and "already exists" in r2.stderr and "--force" in r2.stderr
     assert "Traceback" not in r2.stderr

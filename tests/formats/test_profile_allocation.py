@@ -90,7 +90,7 @@ def test_missing_file(tmp_path):
 
 
 @pytest.mark.parametrize("schema, match", [
-    ("owlctl.profile/2", "owlctl.profile/2"), ("owlctl.profile/0", "reads owlctl.profile/1"),
+    ("owlctl.profile/3", "owlctl.profile/3"), ("owlctl.profile/0", "reads owlctl.profile/2"),
     ("owlctl.allocation/1", "not an owlctl profile"), (None, "not an owlctl profile"),
 ])
 def test_wrong_schema(tmp_path, schema, match):
@@ -161,12 +161,12 @@ def make_allocation(**kw) -> dict:
     return build_allocation_doc(**args)
 
 
-def test_build_allocation_achieved():
+def test_build_allocation_sparsity_fields():
     doc = make_allocation()
-    assert doc["schema"] == "owlctl.allocation/1" and doc["created"]
-    assert doc["achieved"]["mean_sparsity"] == pytest.approx(0.7)
-    assert doc["achieved"]["param_weighted_sparsity"] == pytest.approx((0.78 + 0.7 + 2 * 0.62 + 0.7) / 5)
-    assert doc["achieved"]["drift"] == pytest.approx(doc["achieved"]["param_weighted_sparsity"] - 0.7)
+    assert doc["schema"] == "owlctl.allocation/2" and doc["created"]
+    assert doc["mean_block_sparsity"] == pytest.approx(0.7)
+    assert doc["allocated_sparsity"] == pytest.approx((0.78 + 0.7 + 2 * 0.62 + 0.7) / 5)
+    assert doc["drift"] == pytest.approx(doc["allocated_sparsity"] - 0.7)
     assert [b["n_keep"] for b in doc["blocks"]] == [None] * 4
 
 
@@ -175,8 +175,8 @@ def test_build_nm_allocation():
     doc = make_allocation(params=params, pattern={"kind": "nm", "n_keep": 3, "m": 8}, sparsities=None,
                           n_keeps=[2, 3, 4, 3])
     assert [b["sparsity"] for b in doc["blocks"]] == [0.75, 0.625, 0.5, 0.625]
-    assert doc["achieved"]["target_sparsity"] == 0.625
-    assert doc["achieved"]["drift"] == pytest.approx((0.75 + 0.625 + 1.0 + 0.625) / 5 - 0.625)
+    assert doc["target_sparsity"] == 0.625
+    assert doc["drift"] == pytest.approx((0.75 + 0.625 + 1.0 + 0.625) / 5 - 0.625)
 
 
 def test_allocation_round_trip_and_sha(tmp_path):
@@ -196,7 +196,7 @@ def test_allocation_existing_output_refused(tmp_path):
         write_allocation(make_allocation(), p)
     assert p.read_text() == "keep me"
     write_allocation(make_allocation(), p, force=True)
-    assert read_allocation(p)[0]["schema"] == "owlctl.allocation/1"
+    assert read_allocation(p)[0]["schema"] == "owlctl.allocation/2"
     assert sorted(x.name for x in tmp_path.iterdir()) == ["allocation.json"]
 
 
@@ -221,7 +221,7 @@ def test_failed_write_leaves_nothing(tmp_path, monkeypatch):
     (_set(["pattern"], {"kind": "blocky"}), "pattern.kind"),
     (_set(["blocks"], []), "blocks is empty"),
     (_set(["model", "num_blocks"], 3), "lists 4 blocks but model.num_blocks is 3"),
-    (_drop(["achieved"]), r"allocation\.achieved is missing"),
+    (_drop(["allocated_sparsity"]), r"allocation\.allocated_sparsity is missing"),
 ])
 def test_malformed_allocation(tmp_path, edit, match):
     doc = copy.deepcopy(make_allocation())
@@ -257,11 +257,11 @@ def test_allocation_from_profile_param_balance():
     doc["blocks"][2]["linears"][1]["shape"] = [50, 50]
     doc["blocks"][2]["linears"][1]["numel"] = 2500
     out = allocation_from_profile(doc, None, None, target_sparsity=0.7, outlier_m=3, balance="params")
-    assert out["achieved"]["param_weighted_sparsity"] == pytest.approx(0.7, abs=1e-12)
-    assert out["achieved"]["mean_sparsity"] != pytest.approx(0.7, abs=1e-6)
+    assert out["allocated_sparsity"] == pytest.approx(0.7, abs=1e-12)
+    assert out["mean_block_sparsity"] != pytest.approx(0.7, abs=1e-6)
     assert out["blocks"][2]["outlier_pct"] == pytest.approx(3.0)  # 90 of 3000
     ref = allocation_from_profile(doc, None, None, target_sparsity=0.7, outlier_m=3)
-    assert ref["achieved"]["mean_sparsity"] == pytest.approx(0.7, abs=1e-12)
+    assert ref["mean_block_sparsity"] == pytest.approx(0.7, abs=1e-12)
     assert block_sparsities(ref) != block_sparsities(out)
 
 
@@ -280,9 +280,9 @@ def test_uniform_allocation_without_profile():
     model = {"id": "tiny", "num_blocks": 3}
     doc = uniform_allocation(model, ["a", "b", "c"], [10, 20, 30], target_sparsity=0.5)
     assert doc["profile"] == {"sha256": None, "path": None, "calibration": None}
-    assert [b["sparsity"] for b in doc["blocks"]] == [0.5] * 3 and doc["achieved"]["drift"] == 0.0
+    assert [b["sparsity"] for b in doc["blocks"]] == [0.5] * 3 and doc["drift"] == 0.0
     nm = uniform_allocation(model, ["a", "b", "c"], [10, 20, 30], pattern="2:4")
-    assert [b["n_keep"] for b in nm["blocks"]] == [2, 2, 2] and nm["achieved"]["target_sparsity"] == 0.5
+    assert [b["n_keep"] for b in nm["blocks"]] == [2, 2, 2] and nm["target_sparsity"] == 0.5
     with pytest.raises(InputError, match="--target-sparsity is required"):
         uniform_allocation(model, ["a"], [10])
     with pytest.raises(InputError, match="KEPT|N must be") as e:

@@ -74,7 +74,7 @@ def test_sparsified_model_logits_equal_dense(pruned70):
 
 
 def _check_doc(doc, n_rows):
-    assert doc["schema"] == "owlctl.bench/1" and doc["owlctl_version"]
+    assert doc["schema"] == "owlctl.bench/2" and doc["owlctl_version"]
     s = doc["settings"]
     assert s["threads"] == 1 and s["torch_num_threads"] == 1 and s["runs"] == 3
     assert doc["host"]["cpu"]["logical_cpus"] >= 1

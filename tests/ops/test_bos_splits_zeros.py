@@ -46,7 +46,7 @@ def test_no_bos_tokenizer_resolves_to_never_without_warning(tiny_llama, text_fil
     with warnings.catch_warnings():
         warnings.simplefilter("error", OwlctlWarning)
         res = profile(ProfileConfig(model=str(tiny_llama), output=None, calib=str(text_file), **CAL))
-    assert res["profile"]["calibration"]["bos"] == "never"
+    assert res["calibration"]["bos"] == "never"
 
 
 def test_cli_warns_when_bos_is_dropped(tiny_llama_bos, text_file, tmp_path):
@@ -54,7 +54,7 @@ def test_cli_warns_when_bos_is_dropped(tiny_llama_bos, text_file, tmp_path):
                             "--seqlen", "16", "--bos", "never", "--device", "cpu", "--json", "-q"])
     assert r.exit_code == 0, r.stderr
     assert "warning:" in r.stderr and "--bos never" in r.stderr
-    assert json.loads(r.stdout)["profile"]["calibration"]["bos"] == "never"
+    assert json.loads(r.stdout)["calibration"]["bos"] == "never"
     r = runner.invoke(app, ["profile", str(tiny_llama_bos), "--calib", str(text_file), "--bos", "maybe"])
     assert r.exit_code == 2 and "'maybe' is not one of 'auto', 'always', 'never'" in r.stderr  # a usage error
 

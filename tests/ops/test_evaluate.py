@@ -97,20 +97,20 @@ def test_audit_dense_has_no_allocation(tiny_llama):
     assert rec["allocation"] is None
     a = audit_sparsity(model, rec)
     assert a["status"] == "no allocation recorded" and a["mismatches"] == []
-    assert a["realised_sparsity"] == 0.0 and all(b["allocated"] is None for b in a["blocks"])
+    assert a["realised_sparsity"] == 0.0 and all(b["allocated_sparsity"] is None for b in a["blocks"])
 
 
 # ------------------------------------------------------------------------------------- evaluation
 def test_compare_uses_identical_windows(pruned, tiny_llama, text_file):
     doc = evaluate(EvalConfig(model=str(pruned), data=(str(text_file),), seqlen=64, max_windows=3,
                               batch_size=2, compare=str(tiny_llama), device="cpu"))
-    assert doc["schema"] == "owlctl.eval/1" and doc["audit"]["status"] == "ok"
-    this, other = doc["perplexity"][str(text_file)], doc["compare"]["perplexity"][str(text_file)]
+    assert doc["schema"] == "owlctl.eval/2" and doc["audit"]["status"] == "ok"
+    this, other = doc["perplexity"][str(text_file)], doc["comparison"]["perplexity"][str(text_file)]
     assert this["windows"] == other["windows"] == 3
-    assert this["windows_sha256"] == other["windows_sha256"] and doc["compare"]["identical_windows"]
-    assert doc["compare"]["ratio"][str(text_file)] == pytest.approx(other["ppl"] / this["ppl"])
-    assert doc["compare"]["audit"]["status"] == "no allocation recorded"
-    assert doc["model"]["source"]["id"] == str(tiny_llama)  # the checkpoint remembers its origin
+    assert this["windows_sha256"] == other["windows_sha256"] and doc["comparison"]["identical_windows"]
+    assert doc["comparison"]["ratio"][str(text_file)] == pytest.approx(other["ppl"] / this["ppl"])
+    assert doc["comparison"]["audit"]["status"] == "no allocation recorded"
+    assert doc["model"]["pruned_from"]["id"] == str(tiny_llama)  # the checkpoint remembers its origin
     # the dense model alone on the same settings gives the same number
     alone = evaluate(EvalConfig(model=str(tiny_llama), data=(str(text_file),), seqlen=64, max_windows=3,
                                 device="cpu"))

@@ -10,7 +10,7 @@ import torch
 
 from owlctl.formats import packed
 from owlctl.errors import FormatError, ModelError, OutputExistsError
-from owlctl.formats._io import SCHEMAS
+from owlctl.formats.kinds import schema_name
 from owlctl.engine.models import load_model
 from owlctl.ops.export import ExportConfig, export
 
@@ -35,13 +35,13 @@ def _ort(path):
 def test_onnx_without_kv_cache_matches_pytorch(pruned70, tmp_path):
     out = tmp_path / "onnx"
     doc = export(ExportConfig(checkpoint=str(pruned70), output=out, format="onnx", kv_cache=False))
-    g = doc["graph"]
-    assert doc["schema"] == "owlctl.onnx/1" and g["opset"] == 17 and g["ir_version"] == 8
+    g = doc["onnx"]["graph"]
+    assert doc["schema"] == schema_name("export") and g["opset"] == 17 and g["ir_version"] == 8
     assert g["inputs"] == ["input_ids", "attention_mask"] and g["outputs"] == ["logits"]
-    assert doc["verification"]["max_abs_diff"] < 1e-4
+    assert doc["onnx"]["verification"]["max_abs_diff"] < 1e-4
     for f in ("model.onnx", "config.json", "tokenizer.json", "onnx-export.json"):
         assert (out / f).is_file(), f
-    assert json.loads((out / "onnx-export.json").read_text())["graph"] == g
+    assert json.loads((out / "onnx-export.json").read_text())["onnx"]["graph"] == g
     # independent check on other shapes (dynamic batch and sequence axes)
     model, sess = _hf(pruned70), _ort(out)
     for b, s in ((1, 5), (3, 11)):
@@ -55,12 +55,12 @@ def test_onnx_without_kv_cache_matches_pytorch(pruned70, tmp_path):
 def test_onnx_with_kv_cache_matches_pytorch_decode(pruned70, tmp_path):
     out = tmp_path / "onnx-kv"
     doc = export(ExportConfig(checkpoint=str(pruned70), output=out, format="onnx", kv_cache=True))
-    g = doc["graph"]
+    g = doc["onnx"]["graph"]
     n_layers = g["geometry"]["num_layers"]
     assert n_layers == 3 and len(g["inputs"]) == 2 + 2 * n_layers and len(g["outputs"]) == 1 + 2 * n_layers
     assert g["inputs"][2] == "past_key_values.0.key" and g["outputs"][1] == "present.0.key"
-    assert [c["case"] for c in doc["verification"]["cases"]] == ["prompt", "decode"]
-    assert doc["verification"]["max_abs_diff"] < 1e-4
+    assert [c["case"] for c in doc["onnx"]["verification"]["cases"]] == ["prompt", "decode"]
+    assert doc["onnx"]["verification"]["max_abs_diff"] < 1e-4
     # greedy decode in onnxruntime (prompt with an empty past, then 4 steps) vs PyTorch on the full sequence
     model, sess = _hf(pruned70), _ort(out)
     geo = g["geometry"]
@@ -81,7 +81,7 @@ def test_onnx_with_kv_cache_matches_pytorch_decode(pruned70, tmp_path):
 @pytest.mark.parametrize("family", ["opt", "gpt_neox", "phi3"])
 def test_onnx_kv_export_other_families(tiny_models, family, tmp_path):
     doc = export(ExportConfig(checkpoint=str(tiny_models(family)), output=tmp_path / "o", kv_cache=True))
-    assert doc["verification"]["max_abs_diff"] < 1e-4 and doc["graph"]["geometry"]["num_layers"] == 3
+    assert doc["onnx"]["verification"]["max_abs_diff"] < 1e-4 and doc["onnx"]["graph"]["geometry"]["num_layers"] == 3
 
 
 def test_export_refuses_existing_output(pruned70, tmp_path):
@@ -117,10 +117,12 @@ def test_onnx_mismatch_above_tolerance_fails(pruned70, tmp_path, monkeypatch):
 def test_packed_round_trip_is_bit_exact_and_small(pruned70, tmp_path):
     out = tmp_path / "packed"
     doc = export(ExportConfig(checkpoint=str(pruned70), output=out, format="packed"))
-    assert doc["schema"] == SCHEMAS["packed"] == packed.SCHEMA
-    assert doc["packed_tensors"] == 3 * 7 and doc["packed_sparsity"] == pytest.approx(0.7, abs=0.02)
+    assert doc["schema"] == schema_name("export") and doc["format"] == "packed"
+    assert packed.read_header(out)["schema"] == schema_name("packed")
+    k = doc["packed"]
+    assert k["packed_tensors"] == 3 * 7 and k["realised_sparsity"] == pytest.approx(0.7, abs=0.02)
     assert packed.is_packed(out) and (out / "config.json").is_file() and (out / "tokenizer.json").is_file()
-    assert doc["packed_bytes"] < doc["dense_safetensors_bytes"] and doc["size_ratio"] < 0.6
+    assert k["packed_bytes"] < doc["dense_safetensors_bytes"] and k["size_ratio"] < 0.6
     # the packed weights alone: 0.3 x 4 bytes + 1 bit per weight, about a third of dense float32
     from safetensors.torch import load_file
 

@@ -17,12 +17,12 @@ def test_pipeline_tiny(tiny_llama, text_file, tmp_path):
     r = runner.invoke(app, args)
     assert r.exit_code == 0, r.stderr
     doc = json.loads(r.stdout)
-    assert doc["schema"] == "owlctl.pipeline/1"
+    assert doc["schema"] == "owlctl.pipeline/2"
     variants = [row["variant"] for row in doc["results"]]
     assert variants == ["dense", "wanda uniform", "wanda owl"]
     for row in doc["results"][1:]:
         assert row["realised_sparsity"] == pytest.approx(0.6, abs=0.02)
-        assert row["windows"][str(text_file)] == 6
+        assert row["perplexity"][str(text_file)]["windows"] == 6
     owl = doc["results"][2]
     assert owl["block_sparsity_max"] > owl["block_sparsity_min"]  # OWL is not uniform
     run = tmp_path / "run"

@@ -80,7 +80,7 @@ def test_mixed_nm_from_profile(tiny_llama, text_file, tiny_profile, tmp_path):
     keeps = [b["n_keep"] for b in alloc["blocks"]]
     assert set(keeps) <= {2, 3, 4} and len(set(keeps)) > 1
     for b, k in zip(res["blocks"], keeps):
-        assert b["realised"] == pytest.approx(1 - k / 8)
+        assert b["realised_sparsity"] == pytest.approx(1 - k / 8)
 
 
 def test_allocation_file_and_metadata(tiny_llama, text_file, tiny_profile, tmp_path):

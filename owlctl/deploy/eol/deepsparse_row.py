@@ -15,15 +15,15 @@ def row_deepsparse(spec: str, cfg: Any, prompt: Any, task: Any, label: str, py: 
 
     from owlctl.deploy.eol import deepsparse_host
 
-    from owlctl.ops.export import ONNX_FILE, read_onnx_export
+    from owlctl.deploy.onnx import ONNX_FILE, read_onnx_export
 
     odir = onnx_dir_for(spec)
     doc = read_onnx_export(odir)
-    if not doc["graph"]["kv_cache"]:
+    if not doc["onnx"]["graph"]["kv_cache"]:
         raise InputError(f"{odir} holds a graph without KV cache; decode needs one",
                          hint="re-export with `owlctl export CHECKPOINT --format onnx --kv-cache -o DIR`")
     ref, sparsity, info = (None, None, None) if Path(spec) == odir else reference_logits(spec, prompt, cfg)
-    req = {"onnx": str(odir / ONNX_FILE), "inputs": doc["graph"]["inputs"], "geometry": doc["graph"]["geometry"],
+    req = {"onnx": str(odir / ONNX_FILE), "inputs": doc["onnx"]["graph"]["inputs"], "geometry": doc["onnx"]["graph"]["geometry"],
            "prompt": prompt.tolist(), "new_tokens": cfg.new_tokens, "runs": cfg.runs, "warmup": cfg.warmup,
            "threads": cfg.threads}
     t = time.perf_counter()

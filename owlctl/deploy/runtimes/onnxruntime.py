@@ -18,7 +18,8 @@ def onnx_dir_for(spec: str, progress: Any = None) -> Path:
     import hashlib
 
     from owlctl.engine.models import cache_dir, content_hash
-    from owlctl.ops.export import ExportConfig, export, is_onnx_export
+    from owlctl.deploy.onnx import is_onnx_export
+    from owlctl.ops.export import ExportConfig, export
 
     if is_onnx_export(spec):
         return Path(spec)
@@ -48,11 +49,11 @@ def row_onnxruntime(spec: str, cfg: Any, prompt: Any, task: Any, label: str) -> 
     import torch
 
     from owlctl.deploy.onnx import ort_generate, ort_session
-    from owlctl.ops.export import ONNX_FILE, read_onnx_export
+    from owlctl.deploy.onnx import ONNX_FILE, read_onnx_export
 
     odir = onnx_dir_for(spec)
     doc = read_onnx_export(odir)
-    if not doc["graph"]["kv_cache"]:
+    if not doc["onnx"]["graph"]["kv_cache"]:
         raise InputError(f"{odir} holds a graph without KV cache; decode needs one",
                          hint="re-export with `owlctl export CHECKPOINT --format onnx --kv-cache -o DIR`")
     ref, sparsity, info = (None, None, None) if Path(spec) == odir else reference_logits(spec, prompt, cfg)
@@ -64,7 +65,7 @@ def row_onnxruntime(spec: str, cfg: Any, prompt: Any, task: Any, label: str) -> 
     ids = prompt.numpy()
 
     def generate() -> dict:
-        res = ort_generate(sess, doc["graph"], ids, cfg.new_tokens)
+        res = ort_generate(sess, doc["onnx"]["graph"], ids, cfg.new_tokens)
         res["first_logits"] = torch.from_numpy(res["first_logits"])
         return res
 
@@ -72,7 +73,7 @@ def row_onnxruntime(spec: str, cfg: Any, prompt: Any, task: Any, label: str) -> 
     memory = {"rss_before_mb": rss0, "peak_rss_mb": rss_mb("VmHWM"),
               "onnx_mb": (odir / ONNX_FILE).stat().st_size / 2**20}
     check = None if ref is None else float((runs[0]["first_logits"][0] - ref).abs().max())
-    extra = {"onnx_dir": str(odir), "export_max_abs_diff": (doc.get("verification") or {}).get("max_abs_diff"),
+    extra = {"onnx_dir": str(odir), "export_max_abs_diff": (doc["onnx"].get("verification") or {}).get("max_abs_diff"),
              "intra_op_threads": cfg.threads}
     return row(label, spec, info, sparsity, "onnxruntime", None, cfg, runs, memory, load_s, extra,
                 check_vs_self=check)

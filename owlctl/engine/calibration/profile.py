@@ -7,14 +7,13 @@ from typing import Any
 
 
 def profile_model(model: Any, tok: Any, info: Any, calib: Any, *, outlier_m: tuple[float, ...], device: str,
-                  batch_size: int, progress: Any = None) -> tuple[dict, Any]:
+                  batch_size: int, progress: Any = None, command: str = "profile") -> tuple[dict, Any]:
     """Profile a loaded model on given calibration windows; returns (profile document, timings)."""
     from owlctl.core.methods import wanda_scores
     from owlctl.core.outliers import block_outliers
     from owlctl.families import resolve
     from owlctl.formats._io import header
     from owlctl.formats.profile import m_key
-    from owlctl.ops.common import now
 
     layout = resolve(model)
     blocks: list[dict] = []
@@ -40,8 +39,7 @@ def profile_model(model: Any, tok: Any, info: Any, calib: Any, *, outlier_m: tup
     timings = run_blocks(model, layout, calib.input_ids, device=device, batch_size=batch_size,
                          needs=frozenset({"act_norm"}), decide=decide, propagate="dense", progress=progress,
                          description="profile")
-    doc = {**header("profile"), "created": now(),
-           "model": info.as_dict(layout.family.name, layout.num_blocks),
+    doc = {**header("profile", command, info.as_dict(layout.family.name, layout.num_blocks), timings.as_dict()),
            "calibration": calib.as_dict(),
            "score": {"name": "wanda", "definition": "|W_ij| * sqrt(mean_k ||X_k[:, j]||_2^2)",
                      "outlier_rule": "score > M * block mean (strict)", "pct_units": "percent"},

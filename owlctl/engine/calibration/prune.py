@@ -61,13 +61,13 @@ def prune_model(model: Any, layout: Any, alloc: dict, method: str, opts: Any, ca
         for (name, shape, _c), (masked, zeros, pre, newly) in zip(mats, counts):
             numel = shape[0] * shape[1]
             linear_rows.append({"name": name, "shape": list(shape), "numel": numel, "pruned": int(masked),
-                                "zeros": int(zeros), "sparsity": zeros / numel, "preexisting_zeros": int(pre),
+                                "zeros": int(zeros), "realised_sparsity": zeros / numel, "preexisting_zeros": int(pre),
                                 "newly_zeroed": int(newly),
                                 "expected_pruned": expected_pruned(method, shape, sparsity, nm, opts)})
         numel = sum(r["numel"] for r in linear_rows)
         zeros = sum(r["zeros"] for r in linear_rows)
         rows.append({"index": i, "name": layout.block_name(i), "numel": numel, "zeros": zeros,
-                     "sparsity": zeros / numel,
+                     "realised_sparsity": zeros / numel,
                      "pruned": sum(r["pruned"] for r in linear_rows),
                      "preexisting_zeros": sum(r["preexisting_zeros"] for r in linear_rows),
                      "newly_zeroed": sum(r["newly_zeroed"] for r in linear_rows),

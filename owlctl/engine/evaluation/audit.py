@@ -70,7 +70,7 @@ def audit_sparsity(model: Any, records: dict | None = None) -> dict:
     zeros = sum(r["zeros"] for r in rows)
     allocated = None
     if alloc_blocks is not None:
-        allocated = sum(r["allocated"] * r["numel"] for r in rows) / numel if numel else 0.0
+        allocated = sum(r["allocated_sparsity"] * r["numel"] for r in rows) / numel if numel else 0.0
     status = NO_ALLOCATION if alloc is None else ("mismatch" if mismatches else "ok")
 
     def total(key: str) -> int | None:
@@ -101,7 +101,7 @@ def _audit_block(i: int, name: str, lins: dict, values: list, ab: dict | None, n
         pre = int(r["preexisting_zeros"]) if same and r.get("preexisting_zeros") is not None else None
         pruned = int(r["pruned"]) if same and ab is not None and r.get("pruned") is not None else None
         lin_rows.append({"name": lname, "shape": [out_f, in_f], "numel": out_f * in_f, "zeros": int(zeros),
-                         "sparsity": zeros / (out_f * in_f), "preexisting_zeros": pre, "pruned": pruned,
+                         "realised_sparsity": zeros / (out_f * in_f), "preexisting_zeros": pre, "pruned": pruned,
                          "expected_zeros": expected,
                          "nm_violations": int(over) if nm_m is not None and ab is not None else None})
     numel = sum(r["numel"] for r in lin_rows)
@@ -113,15 +113,15 @@ def _audit_block(i: int, name: str, lins: dict, values: list, ab: dict | None, n
 
     pre_b, pruned_b = total("preexisting_zeros"), total("pruned")
     row: dict[str, Any] = {"index": i, "name": name, "numel": numel, "zeros": zeros,
-                           "realised": zeros / numel if numel else 0.0,
-                           "pruned_fraction": None if pruned_b is None or not numel else pruned_b / numel,
-                           "preexisting": None if pre_b is None or not numel else pre_b / numel,
-                           "preexisting_zeros": pre_b, "pruned": pruned_b, "allocated": None, "n_keep": None,
+                           "realised_sparsity": zeros / numel if numel else 0.0,
+                           "pruned_sparsity": None if pruned_b is None or not numel else pruned_b / numel,
+                           "preexisting_sparsity": None if pre_b is None or not numel else pre_b / numel,
+                           "preexisting_zeros": pre_b, "pruned": pruned_b, "allocated_sparsity": None, "n_keep": None,
                            "expected_zeros": None, "check": None, "ok": None, "linears": lin_rows}
     if ab is None:
         return row
     allocated = float(ab["sparsity"]) if nm_m is None else 1.0 - int(ab["n_keep"]) / nm_m
-    row.update(allocated=allocated, n_keep=ab.get("n_keep"))
+    row.update(allocated_sparsity=allocated, n_keep=ab.get("n_keep"))
     problems: list[dict] = []
     if all(r["expected_zeros"] is not None for r in lin_rows):
         row["check"] = "report counts"
@@ -133,9 +133,9 @@ def _audit_block(i: int, name: str, lins: dict, values: list, ab: dict | None, n
     else:
         slack = _rounding_slack([r["shape"][1] for r in lin_rows])
         row["check"] = f"|realised - allocated| <= {slack:.2e}"
-        if abs(row["realised"] - allocated) > slack:
-            problems.append({"linear": None, "reason": f"realised {row['realised']:.6f} vs allocated "
-                             f"{allocated:.6f} (diff {row['realised'] - allocated:+.6f}, slack {slack:.2e})"})
+        if abs(row["realised_sparsity"] - allocated) > slack:
+            problems.append({"linear": None, "reason": f"realised {row['realised_sparsity']:.6f} vs allocated "
+                             f"{allocated:.6f} (diff {row['realised_sparsity'] - allocated:+.6f}, slack {slack:.2e})"})
     if nm_m is not None:
         row["check"] += f"; every group of {nm_m} keeps <= {ab['n_keep']}"
         for r in lin_rows:
@@ -146,5 +146,6 @@ def _audit_block(i: int, name: str, lins: dict, values: list, ab: dict | None, n
                                  f"than {ab['n_keep']} weights"})
     row["ok"] = not problems
     for p in problems:
-        mismatches.append({"block": i, "name": name, "realised": row["realised"], "allocated": allocated, **p})
+        mismatches.append({"block": i, "name": name, "realised_sparsity": row["realised_sparsity"],
+                           "allocated_sparsity": allocated, **p})
     return row

@@ -9,19 +9,24 @@ from typing import Any
 from owlctl.errors import ModelError
 from owlctl.engine.models.device import resolve_device, resolve_dtype
 from owlctl.engine.models.source import content_hash, local_dir, origin_id
+from owlctl.engine.models.source import pruned_from
 
 
 @dataclass
 class ModelInfo:
-    id: str
+    id: str  # what the model is: for an owlctl checkpoint, the model it was pruned from
     model_type: str
     revision: str | None
     content_sha256: str
     path: str  # local directory the weights came from
+    spec: str | None = None  # what was given (a hub id, a directory, builtin:...)
+    pruned_from: dict | None = None  # owlctl-source.json of a checkpoint written by owlctl
 
-    def as_dict(self, family: str, num_blocks: int) -> dict:
-        return {"id": self.id, "model_type": self.model_type, "family": family, "revision": self.revision,
-                "content_sha256": self.content_sha256, "num_blocks": num_blocks}
+    def as_dict(self, family: str | None = None, num_blocks: int | None = None) -> dict:
+        """The one model shape of every owlctl document (formats.documents.ModelRef)."""
+        return {"id": self.id, "spec": self.spec, "path": self.path, "revision": self.revision,
+                "content_sha256": self.content_sha256, "model_type": self.model_type, "family": family,
+                "num_blocks": num_blocks, "pruned_from": self.pruned_from}
 
 
 def load_tokenizer(path: str | Path) -> Any:
@@ -70,7 +75,8 @@ def load_model(spec: str, dtype: str = "auto", device: str = "cpu") -> tuple[Any
     model.config.use_cache = False
     tok = load_tokenizer(path)
     info = ModelInfo(id=origin_id(spec, path), model_type=model.config.model_type,
-                     revision=revision, content_sha256=content_hash(path), path=str(path))
+                     revision=revision, content_sha256=content_hash(path), path=str(path), spec=spec,
+                     pruned_from=pruned_from(path))
     if device != "cpu":
         resolve_device(device)
     return model, tok, info

@@ -89,3 +89,16 @@ def origin_id(spec: str, path: Path | None) -> str:
         if isinstance(got, str):
             return got
     return spec
+
+
+def pruned_from(path: Path | None) -> dict | None:
+    """owlctl-source.json of a checkpoint owlctl wrote (the model it was pruned from), else None."""
+    meta = Path(path) / "owlctl-source.json" if path is not None else None
+    if meta is None or not meta.is_file():
+        return None
+    try:
+        doc = json.loads(meta.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    keys = ("id", "content_sha256", "method", "finetuned_from", "finetune_mode")
+    return {k: doc.get(k) for k in keys if k in doc} if isinstance(doc, dict) and "id" in doc else None

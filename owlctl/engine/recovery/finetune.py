@@ -69,12 +69,12 @@ def sparsity_report(layout: Any, prev: dict | None, model_dict: dict, before: di
         blocks = []
         for i in range(layout.num_blocks):
             lins = [{"name": n, "shape": after[(i, n)][2], "numel": after[(i, n)][1], "pruned": before[(i, n)][0],
-                     "zeros": after[(i, n)][0], "sparsity": after[(i, n)][0] / after[(i, n)][1],
+                     "zeros": after[(i, n)][0], "realised_sparsity": after[(i, n)][0] / after[(i, n)][1],
                      "expected_pruned": -1} for n in layout.linear_names]
             numel, z = sum(r["numel"] for r in lins), sum(r["zeros"] for r in lins)
             blocks.append({"index": i, "name": layout.block_name(i), "numel": numel, "zeros": z,
-                           "sparsity": z / numel, "target_sparsity": None, "n_keep": None, "linears": lins})
-        report = report_doc(model_dict, "unknown", {"kind": "unstructured"}, blocks, {})
+                           "realised_sparsity": z / numel, "target_sparsity": None, "n_keep": None, "linears": lins})
+        report = report_doc(model_dict, "unknown", {"kind": "unstructured"}, blocks, {}, command="finetune")
     report["finetune"] = finetune
     return report
 
