@@ -1,5 +1,5 @@
-"""Regenerate committed artefacts from the CLI itself: shell completions (completions/) and docs/cli.md
-(every command's --help). `python scripts/gen_docs.py --check` exits 1 when a committed file is stale;
+"""Regenerate committed artefacts from the code itself: shell completions (completions/), docs/cli.md (every
+command's --help) and docs/schemas/ (one JSON Schema per document kind). `python scripts/gen_docs.py --check` exits 1 when a committed file is stale;
 tests/cli/test_generated.py runs that check in CI.
 """
 
@@ -37,6 +37,12 @@ def generate() -> dict[Path, str]:
         parts.append(f"## owlctl {cmd}\n")
         parts.append("```text\n" + _run([cmd, "--help"]) + "```\n")
     files[ROOT / "docs" / "cli.md"] = "\n".join(parts)
+    import json
+
+    from owlctl.formats.documents import TYPES, json_schema
+
+    for kind in TYPES:  # one JSON Schema per document kind, from its msgspec Struct
+        files[ROOT / "docs" / "schemas" / f"{kind}.json"] = json.dumps(json_schema(kind), indent=2, sort_keys=True) + "\n"
     return files
 
 

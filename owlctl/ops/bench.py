@@ -141,7 +141,7 @@ def bench(cfg: BenchConfig, progress: Any = None) -> dict:
 
     import torch
 
-    from owlctl.engine.models import resolve_device
+    from owlctl.engine.models import describe, resolve_device
     from owlctl.formats._io import header
 
     t0 = time.perf_counter()
@@ -166,7 +166,7 @@ def bench(cfg: BenchConfig, progress: Any = None) -> dict:
                 "sparse_kernel": cfg.sparse_kernel if cfg.backend == "torch-sparse" else None,
                 "seed": cfg.seed, "prompt": "random token ids (seeded)", "decode": "greedy, KV cache",
                 "statistic": "median over runs; step percentiles pool all timed steps"}
-    return {**header("bench", "bench", {"id": cfg.model, "spec": cfg.model},
+    return {**header("bench", "bench", describe(cfg.model),
                      {"total": round(time.perf_counter() - t0, 3)}),
             "settings": settings, "host": _host(cfg), "models": meta, "rows": rows, "comparison": _comparison(rows),
             "logits_check": logits_check(rows, meta, cfg),

@@ -11,8 +11,8 @@ from owlctl.engine.models.builtins import BUILTIN_MODEL, BUILTIN_MODELS, builtin
 from owlctl.engine.models.cache import cache_dir
 from owlctl.engine.models.device import resolve_device, resolve_dtype
 from owlctl.engine.models.load import ModelInfo, load_model, load_tokenizer
-from owlctl.engine.models.source import content_hash, local_dir, model_config, origin_id
+from owlctl.engine.models.source import content_hash, describe, local_dir, model_config, origin_id
 
 __all__ = ["BUILTIN_MODEL", "BUILTIN_MODELS", "ModelInfo", "builtin_ids", "builtin_model_dir", "cache_dir",
-           "content_hash", "is_builtin", "load_model", "load_tokenizer", "local_dir", "model_config", "origin_id",
+           "content_hash", "describe", "is_builtin", "load_model", "load_tokenizer", "local_dir", "model_config", "origin_id",
            "resolve_device", "resolve_dtype"]

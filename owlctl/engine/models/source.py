@@ -102,3 +102,16 @@ def pruned_from(path: Path | None) -> dict | None:
         return None
     keys = ("id", "content_sha256", "method", "finetuned_from", "finetune_mode")
     return {k: doc.get(k) for k in keys if k in doc} if isinstance(doc, dict) and "id" in doc else None
+
+
+def describe(spec: str) -> dict:
+    """The model reference of every owlctl document (formats.documents.ModelRef) without loading weights."""
+    from owlctl.families import REGISTRY
+
+    config, path = model_config(spec)
+    path = path or local_dir(spec)[0]
+    mt = config.get("model_type")
+    return {"id": origin_id(spec, path), "spec": spec, "path": str(path), "revision": None,
+            "content_sha256": content_hash(path), "model_type": mt,
+            "family": REGISTRY[mt].name if mt in REGISTRY else None,
+            "num_blocks": config.get("num_hidden_layers"), "pruned_from": pruned_from(path)}
