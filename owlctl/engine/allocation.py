@@ -67,38 +67,9 @@ def allocation_from_profile(
     defaults = NM_DEFAULTS if nm else UNSTRUCTURED_DEFAULTS
     m_val = defaults["outlier_m"] if outlier_m is None else float(outlier_m)
     lam_val = defaults["lam"] if lam is None else float(lam)
-    if not (math.isfinite(m_val) and m_val > 0):
-        raise InputError(f"--outlier-m must be positive, got {outlier_m}")
-    if not (math.isfinite(lam_val) and lam_val >= 0):
-        raise InputError(f"--lambda must be >= 0, got {lam}",
-                         hint="lambda sets the spread of per-block sparsities (span 2*lambda); 0 means uniform")
-    _check_fraction("--min-sparsity", min_sparsity)
-    _check_fraction("--max-sparsity", max_sparsity)
-    if min_sparsity > max_sparsity:
-        raise InputError(f"--min-sparsity {min_sparsity} is above --max-sparsity {max_sparsity}")
-
-    if nm:
-        n_keep, m = nm
-        base = 1.0 - n_keep / m
-        if target_sparsity is not None and abs(target_sparsity - base) > 1e-9:
-            raise InputError(f"--target-sparsity {target_sparsity} conflicts with --pattern {n_keep}:{m} "
-                             f"({base:.1%} sparse)",
-                             hint="with --pattern the sparsity comes from N:M; drop --target-sparsity")
-        if balance != "blocks":
-            raise InputError("--balance params applies to unstructured allocation only",
-                             hint="mixed N:M rounds each block to whole N steps; drop --balance")
-        target_sparsity = None
-    else:
-        if special:
-            raise InputError("--special applies to mixed N:M only", hint="add --pattern N:M, or drop --special")
-        if target_sparsity is None:
-            raise InputError("--target-sparsity is required for unstructured allocation",
-                             hint="e.g. `owlctl allocate profile.json -s 0.7`, or give --pattern N:M")
-        _check_fraction("--target-sparsity", target_sparsity)
-        if allocator == "owl" and clamp == "redistribute" and not min_sparsity <= target_sparsity <= max_sparsity:
-            raise InputError(f"--target-sparsity {target_sparsity} is outside [--min-sparsity {min_sparsity}, "
-                             f"--max-sparsity {max_sparsity}]", hint="raise --max-sparsity (below 1)")
-
+    _check_knobs(outlier_m, m_val, lam, lam_val, min_sparsity, max_sparsity)
+    target_sparsity = _check_target(nm, target_sparsity, allocator, balance, clamp, special, min_sparsity,
+                                    max_sparsity)
     numels = block_numels(profile_doc)
     have_m = {m_key(x) for x in profile_doc["outlier_m"]}
     if allocator == "uniform" and outlier_m is None and m_key(m_val) not in have_m:
@@ -124,8 +95,45 @@ def allocation_from_profile(
         block_names=block_names(profile_doc), block_numels=numels, outlier_pcts=ratios,
         model=profile_doc["model"], params=params, pattern=_pattern_dict(nm),
         sparsities=sparsities, n_keeps=n_keeps, profile_sha256=profile_sha, profile_path=profile_path,
-        command=command,
-        profile_calibration=profile_doc.get("calibration"))
+        command=command, profile_calibration=profile_doc.get("calibration"))
+
+
+def _check_knobs(outlier_m: Any, m_val: float, lam: Any, lam_val: float, min_sparsity: float,
+                 max_sparsity: float) -> None:
+    if not (math.isfinite(m_val) and m_val > 0):
+        raise InputError(f"--outlier-m must be positive, got {outlier_m}")
+    if not (math.isfinite(lam_val) and lam_val >= 0):
+        raise InputError(f"--lambda must be >= 0, got {lam}",
+                         hint="lambda sets the spread of per-block sparsities (span 2*lambda); 0 means uniform")
+    _check_fraction("--min-sparsity", min_sparsity)
+    _check_fraction("--max-sparsity", max_sparsity)
+    if min_sparsity > max_sparsity:
+        raise InputError(f"--min-sparsity {min_sparsity} is above --max-sparsity {max_sparsity}")
+
+
+def _check_target(nm: tuple[int, int] | None, target: float | None, allocator: str, balance: str, clamp: str,
+                  special: bool, min_sparsity: float, max_sparsity: float) -> float | None:
+    """The target sparsity the pattern allows: None for mixed N:M (it comes from N:M), else a checked S."""
+    if nm:
+        n_keep, m = nm
+        base = 1.0 - n_keep / m
+        if target is not None and abs(target - base) > 1e-9:
+            raise InputError(f"--target-sparsity {target} conflicts with --pattern {n_keep}:{m} ({base:.1%} sparse)",
+                             hint="with --pattern the sparsity comes from N:M; drop --target-sparsity")
+        if balance != "blocks":
+            raise InputError("--balance params applies to unstructured allocation only",
+                             hint="mixed N:M rounds each block to whole N steps; drop --balance")
+        return None
+    if special:
+        raise InputError("--special applies to mixed N:M only", hint="add --pattern N:M, or drop --special")
+    if target is None:
+        raise InputError("--target-sparsity is required for unstructured allocation",
+                         hint="e.g. `owlctl allocate profile.json -s 0.7`, or give --pattern N:M")
+    _check_fraction("--target-sparsity", target)
+    if allocator == "owl" and clamp == "redistribute" and not min_sparsity <= target <= max_sparsity:
+        raise InputError(f"--target-sparsity {target} is outside [--min-sparsity {min_sparsity}, "
+                         f"--max-sparsity {max_sparsity}]", hint="raise --max-sparsity (below 1)")
+    return target
 
 
 def uniform_allocation(model: dict, block_names: list[str], block_numels: list[int],

@@ -102,8 +102,33 @@ def validate_allocation(doc: Any, source: str = "allocation") -> dict:
     c.get(prof, "sha256", "str", "profile", nullable=True)
     c.get(prof, "path", "str", "profile", nullable=True)
     model = c.get(doc, "model", "dict", "allocation")
+    _check_params(c, c.get(doc, "params", "dict", "allocation"))
+    pat = c.get(doc, "pattern", "dict", "allocation")
+    kind = c.get(pat, "kind", "str", "pattern")
+    if kind == "nm":
+        n_keep, m = c.get(pat, "n_keep", "int", "pattern"), c.get(pat, "m", "int", "pattern")
+        if not (m >= 1 and 0 <= n_keep <= m):
+            raise c.fail(f"pattern {n_keep}:{m} is invalid; need M >= 1 and 0 <= N <= M")
+    elif kind != "unstructured":
+        raise c.fail(f"pattern.kind is {kind!r}; expected 'unstructured' or 'nm'")
+    blocks = c.get(doc, "blocks", "list", "allocation")
+    if not blocks:
+        raise c.fail("blocks is empty")
+    num_blocks = model.get("num_blocks")
+    if isinstance(num_blocks, int) and num_blocks != len(blocks):
+        raise c.fail(f"the allocation lists {len(blocks)} blocks but model.num_blocks is {num_blocks}")
+    for i, b in enumerate(blocks):
+        _check_block(c, b, i, len(blocks), pat)
+    c.get(doc, "allocated_sparsity", "num", "allocation")
+    c.get(doc, "mean_block_sparsity", "num", "allocation")
+    c.get(doc, "target_sparsity", "num", "allocation", nullable=True)
+    c.get(doc, "drift", "num", "allocation", nullable=True)
+    from owlctl.formats.documents import validate
 
-    p = c.get(doc, "params", "dict", "allocation")
+    return validate("allocation", doc, source)
+
+
+def _check_params(c: DocChecker, p: dict) -> None:
     for key, allowed in (("allocator", ALLOCATORS), ("balance", BALANCES), ("clamp", CLAMPS)):
         if c.get(p, key, "str", "params") not in allowed:
             raise c.fail(f"params.{key} is {p[key]!r}; expected one of {', '.join(allowed)}")
@@ -118,49 +143,27 @@ def validate_allocation(doc: Any, source: str = "allocation") -> dict:
     c.get(p, "max_sparsity", "num", "params")
     c.get(p, "special", "bool", "params")
 
-    pat = c.get(doc, "pattern", "dict", "allocation")
-    kind = c.get(pat, "kind", "str", "pattern")
-    if kind == "nm":
-        n_keep, m = c.get(pat, "n_keep", "int", "pattern"), c.get(pat, "m", "int", "pattern")
-        if not (m >= 1 and 0 <= n_keep <= m):
-            raise c.fail(f"pattern {n_keep}:{m} is invalid; need M >= 1 and 0 <= N <= M")
-    elif kind != "unstructured":
-        raise c.fail(f"pattern.kind is {kind!r}; expected 'unstructured' or 'nm'")
 
-    blocks = c.get(doc, "blocks", "list", "allocation")
-    if not blocks:
-        raise c.fail("blocks is empty")
-    num_blocks = model.get("num_blocks")
-    if isinstance(num_blocks, int) and num_blocks != len(blocks):
-        raise c.fail(f"the allocation lists {len(blocks)} blocks but model.num_blocks is {num_blocks}")
-    for i, b in enumerate(blocks):
-        where = f"blocks[{i}]"
-        if c.get(b, "index", "int", where) != i:
-            raise c.fail(f"{where}.index is {b['index']}; block indices must be 0..{len(blocks) - 1} in order")
-        c.get(b, "name", "str", where)
-        if c.get(b, "numel", "int", where) < 1:
-            raise c.fail(f"{where}.numel must be >= 1, got {b['numel']}")
-        c.get(b, "outlier_pct", "num", where, nullable=True)
-        s = c.get(b, "sparsity", "num", where)
-        k = c.get(b, "n_keep", "int", where, nullable=True)
-        if kind == "nm":
-            if k is None or not 0 <= k <= pat["m"]:
-                raise c.fail(f"{where}.n_keep must be an integer in [0, {pat['m']}], got {k}")
-            if abs(s - (1.0 - k / pat["m"])) > 1e-9:
-                raise c.fail(f"{where}.sparsity {s} does not match n_keep {k} of {pat['m']}")
-        else:
-            if k is not None:
-                raise c.fail(f"{where}.n_keep must be null for an unstructured pattern")
-            if not 0 <= s < 1:
-                raise c.fail(f"{where}.sparsity must be in [0, 1), got {s}")
-
-    c.get(doc, "allocated_sparsity", "num", "allocation")
-    c.get(doc, "mean_block_sparsity", "num", "allocation")
-    c.get(doc, "target_sparsity", "num", "allocation", nullable=True)
-    c.get(doc, "drift", "num", "allocation", nullable=True)
-    from owlctl.formats.documents import validate
-
-    return validate("allocation", doc, source)
+def _check_block(c: DocChecker, b: Any, i: int, n: int, pat: dict) -> None:
+    where = f"blocks[{i}]"
+    if c.get(b, "index", "int", where) != i:
+        raise c.fail(f"{where}.index is {b['index']}; block indices must be 0..{n - 1} in order")
+    c.get(b, "name", "str", where)
+    if c.get(b, "numel", "int", where) < 1:
+        raise c.fail(f"{where}.numel must be >= 1, got {b['numel']}")
+    c.get(b, "outlier_pct", "num", where, nullable=True)
+    s = c.get(b, "sparsity", "num", where)
+    k = c.get(b, "n_keep", "int", where, nullable=True)
+    if pat["kind"] == "nm":
+        if k is None or not 0 <= k <= pat["m"]:
+            raise c.fail(f"{where}.n_keep must be an integer in [0, {pat['m']}], got {k}")
+        if abs(s - (1.0 - k / pat["m"])) > 1e-9:
+            raise c.fail(f"{where}.sparsity {s} does not match n_keep {k} of {pat['m']}")
+    else:
+        if k is not None:
+            raise c.fail(f"{where}.n_keep must be null for an unstructured pattern")
+        if not 0 <= s < 1:
+            raise c.fail(f"{where}.sparsity must be in [0, 1), got {s}")
 
 
 def write_allocation(doc: dict, path: str | os.PathLike, force: bool = False):

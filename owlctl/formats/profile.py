@@ -100,7 +100,18 @@ def validate_profile(doc: Any, source: str = "profile") -> dict:
     score = c.get(doc, "score", "dict", "profile")
     for key in ("name", "definition", "outlier_rule", "pct_units"):
         c.get(score, key, "str", "score")
+    keys = _check_ms(c, doc)
+    blocks = c.get(doc, "blocks", "list", "profile")
+    if len(blocks) != num_blocks:
+        raise c.fail(f"the profile lists {len(blocks)} blocks but model.num_blocks is {num_blocks}")
+    for i, block in enumerate(blocks):
+        _check_block(c, block, i, num_blocks, keys)
+    from owlctl.formats.documents import validate
 
+    return validate("profile", doc, source)
+
+
+def _check_ms(c: DocChecker, doc: dict) -> list[str]:
     ms = c.get(doc, "outlier_m", "list", "profile")
     if not ms:
         raise c.fail("outlier_m is empty")
@@ -110,43 +121,39 @@ def validate_profile(doc: Any, source: str = "profile") -> dict:
     keys = [m_key(m) for m in ms]
     if len(set(keys)) != len(keys):
         raise c.fail(f"outlier_m lists a value twice: {ms}")
+    return keys
 
-    blocks = c.get(doc, "blocks", "list", "profile")
-    if len(blocks) != num_blocks:
-        raise c.fail(f"the profile lists {len(blocks)} blocks but model.num_blocks is {num_blocks}")
-    for i, block in enumerate(blocks):
-        where = f"blocks[{i}]"
-        index = c.get(block, "index", "int", where)
-        if index != i:
-            raise c.fail(f"{where}.index is {index}; block indices must be 0..{num_blocks - 1} in order")
-        c.get(block, "name", "str", where)
-        numel = c.get(block, "numel", "int", where)
-        if numel < 1:
-            raise c.fail(f"{where}.numel must be >= 1, got {numel}")
-        c.get(block, "mean_score", "num", where)
-        c.get(block, "score_sum", "num", where)
-        c.count_map(block, "outlier_count", where, keys, numel)
-        c.count_map(block, "outlier_pct", where, keys, numel, kind="num")
-        linears = c.get(block, "linears", "list", where)
-        total = 0
-        for j, lin in enumerate(linears):
-            lw = f"{where}.linears[{j}]"
-            c.get(lin, "name", "str", lw)
-            shape = c.get(lin, "shape", "list", lw)
-            if len(shape) != 2 or not all(_KINDS["int"][1](d) and d > 0 for d in shape):
-                raise c.fail(f"{lw}.shape must be [C_out, C_in] (positive integers), got {shape}")
-            lnumel = c.get(lin, "numel", "int", lw)
-            if lnumel != shape[0] * shape[1]:
-                raise c.fail(f"{lw}.numel is {lnumel} but its shape {shape} holds {shape[0] * shape[1]}")
-            c.get(lin, "score_sum", "num", lw)
-            c.get(lin, "max_score", "num", lw)
-            c.count_map(lin, "outlier_count", lw, keys, lnumel)
-            total += lnumel
-        if linears and total != numel:
-            raise c.fail(f"{where}.numel is {numel} but its linears hold {total} weights")
-    from owlctl.formats.documents import validate
 
-    return validate("profile", doc, source)
+def _check_block(c: DocChecker, block: Any, i: int, num_blocks: int, keys: list[str]) -> None:
+    where = f"blocks[{i}]"
+    index = c.get(block, "index", "int", where)
+    if index != i:
+        raise c.fail(f"{where}.index is {index}; block indices must be 0..{num_blocks - 1} in order")
+    c.get(block, "name", "str", where)
+    numel = c.get(block, "numel", "int", where)
+    if numel < 1:
+        raise c.fail(f"{where}.numel must be >= 1, got {numel}")
+    c.get(block, "mean_score", "num", where)
+    c.get(block, "score_sum", "num", where)
+    c.count_map(block, "outlier_count", where, keys, numel)
+    c.count_map(block, "outlier_pct", where, keys, numel, kind="num")
+    linears = c.get(block, "linears", "list", where)
+    total = 0
+    for j, lin in enumerate(linears):
+        lw = f"{where}.linears[{j}]"
+        c.get(lin, "name", "str", lw)
+        shape = c.get(lin, "shape", "list", lw)
+        if len(shape) != 2 or not all(_KINDS["int"][1](d) and d > 0 for d in shape):
+            raise c.fail(f"{lw}.shape must be [C_out, C_in] (positive integers), got {shape}")
+        lnumel = c.get(lin, "numel", "int", lw)
+        if lnumel != shape[0] * shape[1]:
+            raise c.fail(f"{lw}.numel is {lnumel} but its shape {shape} holds {shape[0] * shape[1]}")
+        c.get(lin, "score_sum", "num", lw)
+        c.get(lin, "max_score", "num", lw)
+        c.count_map(lin, "outlier_count", lw, keys, lnumel)
+        total += lnumel
+    if linears and total != numel:
+        raise c.fail(f"{where}.numel is {numel} but its linears hold {total} weights")
 
 
 def read_profile(path: str | os.PathLike) -> tuple[dict, str]:

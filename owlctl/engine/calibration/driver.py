@@ -73,10 +73,27 @@ def collect_statistics(layout: ModelLayout, block_index: int, needs: frozenset[s
 DecideFn = Callable[[int, Any, dict[str, Any], dict[str, InputStatistics]], None]
 
 
-def run_blocks(model: Any, layout: ModelLayout, input_ids: torch.Tensor, *, device: str, batch_size: int,
+def _run_data_free(layout: ModelLayout, device: str, decide: DecideFn, progress: Any, description: str) -> Timings:
+    timings = Timings()
+    t0 = time.perf_counter()
+    with progress_task(progress, description, layout.num_blocks) as task, torch.inference_mode():
+        for i in range(layout.num_blocks):
+            block = layout.blocks[i]
+            if device != "cpu":
+                block.to(device)
+            decide(i, block, layout.linears(i), {})
+            if device != "cpu":
+                block.to("cpu")
+            task.advance(1, info=f"block {i + 1}/{layout.num_blocks}")
+    timings.decide = time.perf_counter() - t0
+    return timings
+
+
+def run_blocks(model: Any, layout: ModelLayout, input_ids: torch.Tensor | None, *, device: str, batch_size: int,
                needs: frozenset[str], decide: DecideFn, propagate: str, progress: Any = None,
                description: str = "blocks") -> Timings:
-    """Drive every block: observe its inputs (hooks), ``decide`` (prune or score), and propagate.
+    """Drive every block: observe its inputs (hooks), ``decide`` (prune or score), and propagate. With
+    ``input_ids`` None (a data-free method) every block goes straight to ``decide`` with no statistics.
 
     ``propagate="dense"``: the block is not changed by ``decide`` (profiling), so the outputs of the observing
     forward feed the next block (one forward per block). ``propagate="pruned"``: after ``decide`` changed the
@@ -84,6 +101,8 @@ def run_blocks(model: Any, layout: ModelLayout, input_ids: torch.Tensor, *, devi
     """
     if propagate not in ("dense", "pruned"):
         raise ValueError(propagate)
+    if input_ids is None:  # a data-free method (magnitude): no capture, no forwards
+        return _run_data_free(layout, device, decide, progress, description)
     timings = Timings()
     model.config.use_cache = False
     with torch.inference_mode():

@@ -17,15 +17,26 @@ def _targets(alloc: dict) -> list[tuple[float | None, tuple[int, int] | None]]:
 
 def prune_model(model: Any, layout: Any, alloc: dict, method: str, opts: Any, calib: Any, *, device: str,
                 batch_size: int, progress: Any = None) -> tuple[list[dict], Any]:
-    """Prune a loaded model in place following ``alloc``; returns (per-block report rows, timings)."""
-    import torch
-
-    from owlctl.core.methods import expected_pruned, get, prune_weight
-    from owlctl.engine.calibration.driver import Timings, run_blocks
-    from owlctl.progress import task as progress_task
+    """Prune a loaded model in place following ``alloc``; returns (per-block report rows, timings).
+    Data-free methods (magnitude) run no calibration forward (``calib`` may be None)."""
+    from owlctl.core.methods import get
+    from owlctl.engine.calibration.driver import run_blocks
 
     needs = get(method).needs
     targets = _targets(alloc)
+    _check_targets(layout, targets)
+    rows: list[dict] = []
+
+    def decide(i: int, _block: Any, linears: dict, stats: dict) -> None:
+        rows.append(prune_block(layout.block_name(i), i, linears, stats, method, targets[i], opts))
+
+    timings = run_blocks(model, layout, calib.input_ids if needs else None, device=device, batch_size=batch_size,
+                         needs=needs, decide=decide, propagate="pruned", progress=progress,
+                         description=f"prune ({method})")
+    return rows, timings
+
+
+def _check_targets(layout: Any, targets: list) -> None:
     if len(targets) != layout.num_blocks:
         raise ModelError(f"allocation has {len(targets)} blocks but the model has {layout.num_blocks}")
     for i, (_s, nm) in enumerate(targets):
@@ -35,60 +46,44 @@ def prune_model(model: Any, layout: Any, alloc: dict, method: str, opts: Any, ca
                     raise InputError(f"N:M with M={nm[1]} needs M to divide every input width, but "
                                      f"{layout.block_name(i)}.{name} has {lin.in_features} inputs",
                                      hint="choose M among the divisors of the widths, e.g. 4 or 8")
-    rows: list[dict] = []
 
-    def decide(i: int, _block: Any, linears: dict, stats: dict) -> None:
-        sparsity, nm = targets[i]
-        mats = []
-        for name, lin in linears.items():
-            w = lin.weight
-            before = w == 0  # zeros the weights already had (e.g. dequantised GGUF weights)
-            kw: dict = {}
-            if "act_norm" in needs:
-                kw["act_sq_norm"] = stats[name].act_sq_norm()
-            if "hessian" in needs:
-                kw["hessian"] = stats[name].hessian()
-            if nm is not None:
-                new_w, mask = prune_weight(method, w.detach(), n_keep=nm[0], m=nm[1], options=opts, **kw)
-            else:
-                new_w, mask = prune_weight(method, w.detach(), sparsity=sparsity, options=opts, **kw)
-            w.data.copy_(new_w)
-            mask = mask.bool()
-            mats.append((name, tuple(w.shape), torch.stack([mask.sum(), (w == 0).sum(), before.sum(),
-                                                            (mask & ~before).sum()])))
-        counts = torch.stack([m[2] for m in mats]).tolist()  # one device sync per block
-        linear_rows = []
-        for (name, shape, _c), (masked, zeros, pre, newly) in zip(mats, counts):
-            numel = shape[0] * shape[1]
-            linear_rows.append({"name": name, "shape": list(shape), "numel": numel, "pruned": int(masked),
-                                "zeros": int(zeros), "realised_sparsity": zeros / numel, "preexisting_zeros": int(pre),
-                                "newly_zeroed": int(newly),
-                                "expected_pruned": expected_pruned(method, shape, sparsity, nm, opts)})
-        numel = sum(r["numel"] for r in linear_rows)
-        zeros = sum(r["zeros"] for r in linear_rows)
-        rows.append({"index": i, "name": layout.block_name(i), "numel": numel, "zeros": zeros,
-                     "realised_sparsity": zeros / numel,
-                     "pruned": sum(r["pruned"] for r in linear_rows),
-                     "preexisting_zeros": sum(r["preexisting_zeros"] for r in linear_rows),
-                     "newly_zeroed": sum(r["newly_zeroed"] for r in linear_rows),
-                     "target_sparsity": sparsity if nm is None else 1 - nm[0] / nm[1],
-                     "n_keep": None if nm is None else nm[0], "linears": linear_rows})
 
-    if not needs:  # data-free (magnitude): no calibration forwards
-        timings = Timings()
-        t0 = time.perf_counter()
-        with progress_task(progress, f"prune ({method})", layout.num_blocks) as task, torch.inference_mode():
-            for i in range(layout.num_blocks):
-                block = layout.blocks[i]
-                if device != "cpu":
-                    block.to(device)
-                decide(i, block, layout.linears(i), {})
-                if device != "cpu":
-                    block.to("cpu")
-                task.advance(1, info=f"block {i + 1}/{layout.num_blocks}")
-        timings.decide = time.perf_counter() - t0
-        return rows, timings
-    timings = run_blocks(model, layout, calib.input_ids, device=device, batch_size=batch_size,
-                         needs=needs, decide=decide, propagate="pruned", progress=progress,
-                         description=f"prune ({method})")
-    return rows, timings
+def prune_block(name: str, i: int, linears: dict, stats: dict, method: str,
+                target: tuple[float | None, tuple[int, int] | None], opts: Any) -> dict:
+    """Prune every Linear of block ``i`` in place; its report row with exact counts (one device sync)."""
+    import torch
+
+    from owlctl.core.methods import expected_pruned, get, prune_weight
+
+    needs = get(method).needs
+    sparsity, nm = target
+    mats = []
+    for lname, lin in linears.items():
+        w = lin.weight
+        before = w == 0  # zeros the weights already had (e.g. dequantised GGUF weights)
+        kw: dict = {}
+        if "act_norm" in needs:
+            kw["act_sq_norm"] = stats[lname].act_sq_norm()
+        if "hessian" in needs:
+            kw["hessian"] = stats[lname].hessian()
+        pat = {"n_keep": nm[0], "m": nm[1]} if nm is not None else {"sparsity": sparsity}
+        new_w, mask = prune_weight(method, w.detach(), options=opts, **pat, **kw)
+        w.data.copy_(new_w)
+        mask = mask.bool()
+        mats.append((lname, tuple(w.shape), torch.stack([mask.sum(), (w == 0).sum(), before.sum(),
+                                                         (mask & ~before).sum()])))
+    counts = torch.stack([m[2] for m in mats]).tolist()
+    lin_rows = []
+    for (lname, shape, _c), (masked, zeros, pre, newly) in zip(mats, counts):
+        numel = shape[0] * shape[1]
+        lin_rows.append({"name": lname, "shape": list(shape), "numel": numel, "pruned": int(masked),
+                         "zeros": int(zeros), "realised_sparsity": zeros / numel, "preexisting_zeros": int(pre),
+                         "newly_zeroed": int(newly), "expected_pruned": expected_pruned(method, shape, sparsity, nm,
+                                                                                        opts)})
+    numel = sum(r["numel"] for r in lin_rows)
+    total = {k: sum(r[k] for r in lin_rows) for k in ("zeros", "pruned", "preexisting_zeros", "newly_zeroed")}
+    return {"index": i, "name": name, "numel": numel, "zeros": total["zeros"],
+            "realised_sparsity": total["zeros"] / numel, "pruned": total["pruned"],
+            "preexisting_zeros": total["preexisting_zeros"], "newly_zeroed": total["newly_zeroed"],
+            "target_sparsity": sparsity if nm is None else 1 - nm[0] / nm[1],
+            "n_keep": None if nm is None else nm[0], "linears": lin_rows}
