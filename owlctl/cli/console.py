@@ -177,7 +177,7 @@ def _error(message: str, hint: str | None) -> None:
 
 
 def _interrupted(what: str) -> None:
-    from owlctl.formats._io import finished_outputs
+    from owlctl.formats.claims import finished_outputs
 
     done = finished_outputs()
     kept = f"; finished before that and kept: {', '.join(done)}" if done else ""

@@ -24,7 +24,8 @@ from typing import Any, Iterator
 
 from owlctl import __version__
 from owlctl.errors import FormatError
-from owlctl.formats._io import OutputClaim, check_schema, dumps, header
+from owlctl.formats._io import check_schema, dumps, header
+from owlctl.formats.claims import OutputClaim
 
 REPORT = "owlctl-report.json"
 # What an export or a packed directory copies from the model directory beside its weights.

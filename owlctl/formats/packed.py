@@ -111,23 +111,16 @@ def _packable(model: Any) -> set[str]:
     return names
 
 
-def write_packed(model: Any, out_dir: Path, source_dir: Path | None, model_ref: dict, command: str = "export",
-                 tok: Any = None) -> dict:
-    """Write the packed files of ``model`` into ``out_dir`` (an empty, temporary directory). Returns the header
-    (an owlctl.packed document)."""
-    from safetensors.torch import save_file
-
-    from owlctl import __version__
-
-    packable = _packable(model)
-    state = model.state_dict()
+def _pack_state(state: dict, packable: set[str]) -> tuple[dict, list[dict], int]:
+    """(tensors to store, one header entry per name, dense bytes): prunable 2-D weights as values + bitmask,
+    everything else dense, tied weights (e.g. lm_head = embed_tokens) stored once."""
     tensors: dict[str, Any] = {}
     entries: list[dict] = []
     seen: dict[tuple, str] = {}
     dense_bytes = 0
     for name, t in state.items():
         key = (t.data_ptr(), tuple(t.shape), t.dtype) if t.numel() else None
-        if key is not None and key in seen:  # tied weights (e.g. lm_head = embed_tokens) stored once
+        if key is not None and key in seen:
             entries.append({"name": name, "alias_of": seen[key]})
             continue
         if key is not None:
@@ -145,6 +138,18 @@ def write_packed(model: Any, out_dir: Path, source_dir: Path | None, model_ref: 
             tensors[name] = t.clone()
             e.update(encoding="dense")
         entries.append(e)
+    return tensors, entries, dense_bytes
+
+
+def write_packed(model: Any, out_dir: Path, source_dir: Path | None, model_ref: dict, command: str = "export",
+                 tok: Any = None) -> dict:
+    """Write the packed files of ``model`` into ``out_dir`` (an empty, temporary directory). Returns the header
+    (an owlctl.packed document)."""
+    from safetensors.torch import save_file
+
+    from owlctl import __version__
+
+    tensors, entries, dense_bytes = _pack_state(model.state_dict(), _packable(model))
     from owlctl.formats._io import header
     from owlctl.formats.checkpoint import copy_side_files
     from owlctl.formats.kinds import schema_name

@@ -37,7 +37,7 @@ class AllocateConfig:
 
 def allocate(cfg: AllocateConfig) -> dict:
     """Read the profile, compute the allocation, write it when ``cfg.output`` is set; return the document."""
-    from owlctl.formats._io import check_not_input, check_output
+    from owlctl.formats.claims import check_not_input, check_output
 
     if cfg.output is not None:
         check_output(cfg.output, cfg.force, "file")

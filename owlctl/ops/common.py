@@ -35,7 +35,7 @@ def output_claim(path: Any, force: bool, kind: str, inputs: Any = (), need_bytes
     """An OutputClaim for ``path``, or a do-nothing context when there is no output."""
     from contextlib import nullcontext
 
-    from owlctl.formats._io import OutputClaim
+    from owlctl.formats.claims import OutputClaim
 
     if path is None:
         return nullcontext(None)

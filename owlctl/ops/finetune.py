@@ -114,7 +114,7 @@ def finetune(cfg: FinetuneConfig, progress: Any = None) -> dict:
     """LoRA-finetune a (pruned) checkpoint and save it without losing its zeros. Returns the summary document
     (on every process; ``process.main`` says whether this one wrote the output)."""
     _validate(cfg)
-    from owlctl.formats._io import check_not_input, check_output
+    from owlctl.formats.claims import check_not_input, check_output
     from owlctl.formats.checkpoint import read_checkpoint_records
 
     ckpt, output = Path(cfg.checkpoint).expanduser(), Path(cfg.output).expanduser()

@@ -17,7 +17,7 @@ FORMATS = ("png", "pdf", "svg")
 
 def check_plot_path(path: str | os.PathLike, force: bool = False) -> Path:
     """Everything that can fail before drawing: matplotlib present, a known suffix, no silent overwrite."""
-    from owlctl.formats._io import check_output
+    from owlctl.formats.claims import check_output
 
     p = Path(path)
     if p.suffix.lower().lstrip(".") not in FORMATS:

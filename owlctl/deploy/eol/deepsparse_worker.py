@@ -57,96 +57,103 @@ def _private_copy(onnx_path: str, work: str, name: str) -> str:
     return dst
 
 
-def main() -> int:
-    req = json.loads(sys.stdin.read())
-    import numpy as np
+class _Shapes:
+    """Batch, prompt and decode-buffer shapes of one request."""
 
-    try:
-        import deepsparse
-        from deepsparse import Engine
-    except Exception as e:  # noqa: BLE001
-        print(json.dumps({"error": f"cannot import deepsparse: {type(e).__name__}: {e}"}))
-        return 3
+    def __init__(self, req: dict, prompt) -> None:
+        geom = req["geometry"]
+        self.B, self.L = prompt.shape
+        self.n_new = int(req["new_tokens"])
+        self.K = self.L + self.n_new  # decode steps feed n_new tokens after the prompt
+        self.H, self.D = geom["kv_heads"], geom["head_dim"]
+        self.n_kv = 2 * geom["num_layers"]
 
-    geom = req["geometry"]
-    prompt = np.asarray(req["prompt"], dtype=np.int64)
-    B, L = prompt.shape
-    n_new = int(req["new_tokens"])
-    K = L + n_new  # decode steps feed n_new tokens after the prompt
-    n_layers, H, D = geom["num_layers"], geom["kv_heads"], geom["head_dim"]
-    n_kv = 2 * n_layers
-    threads = int(req.get("threads", 1))
-    rss0 = _rss_mb("VmRSS")
-    _reset_peak()
 
-    # Engine(..., input_shapes=...) rewrites the ONNX file IN PLACE with the fixed shapes (DeepSparse 1.8.0's
-    # override_onnx_input_shapes defaults to inplace=True), so each engine compiles a private copy and the
-    # caller's export stays dynamic.
+def _engines(req: dict, sh: _Shapes, threads: int):
+    """(prefill engine, decode engine or None, compile seconds of each).
+
+    Engine(..., input_shapes=...) rewrites the ONNX file IN PLACE with the fixed shapes (DeepSparse 1.8.0's
+    override_onnx_input_shapes defaults to inplace=True), so each engine compiles a private copy and the
+    caller's export stays dynamic."""
+    from deepsparse import Engine
+
+    B, L, K, H, D, n_kv = sh.B, sh.L, sh.K, sh.H, sh.D, sh.n_kv
     work = tempfile.mkdtemp(prefix="owlctl-deepsparse-")
     try:
         t = time.perf_counter()
         pre = Engine(_private_copy(req["onnx"], work, "prefill.onnx"), batch_size=B, num_cores=threads,
                      input_shapes=[[B, L], [B, L + 1]] + [[B, H, 1, D]] * n_kv)
         t_pre = time.perf_counter() - t
-        dec = None
-        t_dec = 0.0
-        if n_new >= 1:
+        dec, t_dec = None, 0.0
+        if sh.n_new >= 1:
             t = time.perf_counter()
             dec = Engine(_private_copy(req["onnx"], work, "decode.onnx"), batch_size=B, num_cores=threads,
                          input_shapes=[[B, 1], [B, K + 1]] + [[B, H, K, D]] * n_kv)
             t_dec = time.perf_counter() - t
     finally:
         shutil.rmtree(work, ignore_errors=True)  # compiled engines no longer read the files
+    return pre, dec, t_pre, t_dec
 
-    def prefill():
-        mask = np.ones((B, L + 1), dtype=np.int64)
-        mask[:, 0] = 0  # the dummy past slot
-        past = [np.zeros((B, H, 1, D), dtype=np.float32) for _ in range(n_kv)]
-        out = pre.run([prompt, mask] + past)
-        return out[0], out[1:]
 
-    def generate():
+def _generate(pre, dec, prompt, sh: _Shapes):
+    """One prefill + greedy decode: (prefill seconds, per-step seconds, the prompt's logits)."""
+    import numpy as np
+
+    B, L, K, H, D = sh.B, sh.L, sh.K, sh.H, sh.D
+    t0 = time.perf_counter()
+    mask = np.ones((B, L + 1), dtype=np.int64)
+    mask[:, 0] = 0  # the dummy past slot
+    out = pre.run([prompt, mask] + [np.zeros((B, H, 1, D), dtype=np.float32) for _ in range(sh.n_kv)])
+    logits, present = out[0], out[1:]
+    t_prefill = time.perf_counter() - t0
+    # move the prompt's keys/values (without the dummy slot) to the right end of the decode buffer
+    cache = []
+    for p in present:
+        buf = np.zeros((B, H, K, D), dtype=np.float32)
+        buf[:, :, K - L:, :] = p[:, :, 1:, :]
+        cache.append(buf)
+    valid = L
+    nxt = logits[:, -1, :].argmax(-1).astype(np.int64)[:, None]
+    steps = []
+    for _ in range(sh.n_new):
+        mask = np.zeros((B, K + 1), dtype=np.int64)
+        mask[:, K - valid:] = 1
         t0 = time.perf_counter()
-        logits, present = prefill()
-        t_prefill = time.perf_counter() - t0
-        first_logits = logits
-        # move the prompt's keys/values (without the dummy slot) to the right end of the decode buffer
-        cache = []
-        for p in present:
-            buf = np.zeros((B, H, K, D), dtype=np.float32)
-            buf[:, :, K - L:, :] = p[:, :, 1:, :]
-            cache.append(buf)
-        valid = L
-        nxt = logits[:, -1, :].argmax(-1).astype(np.int64)[:, None]
-        steps = []
-        for _ in range(n_new):
-            mask = np.zeros((B, K + 1), dtype=np.int64)
-            mask[:, K - valid:] = 1
-            t0 = time.perf_counter()
-            out = dec.run([nxt, mask] + cache)
-            nxt = out[0][:, -1, :].argmax(-1).astype(np.int64)[:, None]
-            cache = [np.ascontiguousarray(p[:, :, 1:, :]) for p in out[1:]]  # drop the oldest (empty) slot
-            steps.append(time.perf_counter() - t0)
-            valid += 1
-        return t_prefill, steps, first_logits
+        out = dec.run([nxt, mask] + cache)
+        nxt = out[0][:, -1, :].argmax(-1).astype(np.int64)[:, None]
+        cache = [np.ascontiguousarray(p[:, :, 1:, :]) for p in out[1:]]  # drop the oldest (empty) slot
+        steps.append(time.perf_counter() - t0)
+        valid += 1
+    return t_prefill, steps, logits
 
+
+def main() -> int:
+    req = json.loads(sys.stdin.read())
+    import numpy as np
+
+    try:
+        import deepsparse
+    except Exception as e:  # noqa: BLE001
+        print(json.dumps({"error": f"cannot import deepsparse: {type(e).__name__}: {e}"}))
+        return 3
+    prompt = np.asarray(req["prompt"], dtype=np.int64)
+    sh = _Shapes(req, prompt)
+    threads = int(req.get("threads", 1))
+    rss0 = _rss_mb("VmRSS")
+    _reset_peak()
+    pre, dec, t_pre, t_dec = _engines(req, sh, threads)
     for _ in range(int(req.get("warmup", 1))):
-        generate()
-    runs = []
-    first = None
+        _generate(pre, dec, prompt, sh)
+    runs, first = [], None
     for _ in range(int(req["runs"])):
-        t_prefill, steps, logits = generate()
+        t_prefill, steps, logits = _generate(pre, dec, prompt, sh)
         first = logits if first is None else first
         runs.append({"prefill_s": t_prefill, "step_s": steps})
     print(json.dumps({
-        "deepsparse_version": deepsparse.__version__,
-        "num_cores": threads,
+        "deepsparse_version": deepsparse.__version__, "num_cores": threads,
         "bind_threads": os.environ.get("NM_BIND_THREADS_TO_CORES"),
-        "compile_seconds": [round(t_pre, 3), round(t_dec, 3)],
-        "runs": runs,
-        "last_logits": first[:, -1, :].tolist(),
-        "rss_before_mb": rss0,
-        "peak_rss_mb": _rss_mb("VmHWM"),
+        "compile_seconds": [round(t_pre, 3), round(t_dec, 3)], "runs": runs,
+        "last_logits": first[:, -1, :].tolist(), "rss_before_mb": rss0, "peak_rss_mb": _rss_mb("VmHWM"),
     }))
     return 0
 

@@ -40,13 +40,11 @@ def evaluate_loaded(model: Any, tok: Any, *, data: Sequence[str] = ("builtin:wik
     """Evaluate a model already in memory: {"perplexity": {source: {...}}, "audit": {...}, "zeroshot": {...} |
     None, "seconds": {...}}. ``records`` = {"allocation": doc, "report": doc} for the audit (None: "no
     allocation recorded"); ``streams`` = {source: token ids} to reuse (e.g. for an identical comparison), made
-    by token_streams with the same ``bos`` (auto | always | never: a BOS per window, see engine/data.py).
+    by token_streams with the same ``bos`` (auto | always | never: a BOS per window, see engine/data).
     The model is moved to ``device`` for the evaluation and back to where it was afterwards. ``progress``
     None also mutes lm-eval's own progress output."""
-    from owlctl.engine.models import resolve_device
-    from owlctl.engine.evaluation.perplexity import perplexity, windows
-
     from owlctl.engine.data import resolve_bos
+    from owlctl.engine.models import resolve_device
 
     device = resolve_device(device)
     data = (data,) if isinstance(data, str) else tuple(data)
@@ -54,21 +52,10 @@ def evaluate_loaded(model: Any, tok: Any, *, data: Sequence[str] = ("builtin:wik
     bos_id = int(tok.bos_token_id) if ppl and bos == "always" else None
     if split not in SPLITS:
         raise InputError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
-    if ppl:
-        _check_seqlen(model, seqlen)
     tasks = _expand_tasks(tasks)
-    if tasks:
-        from owlctl.engine.evaluation.zeroshot import task_manager
-
-        task_manager(tasks, task_dir)  # unknown tasks fail here, before any forward pass (the index is cached)
     seconds: dict[str, float] = {}
-    if ppl and streams is None:
-        t0 = time.perf_counter()
-        streams = token_streams(data, split, tok, bos)
-        seconds["tokenize"] = round(time.perf_counter() - t0, 3)
-    if ppl:
-        for source, ids in streams.items():
-            windows(ids, seqlen, _windows_cap(source, max_windows), bos_id)  # too-short corpus: fail before work
+    streams = _prepare(model, tok, data, split, seqlen, max_windows, ppl, tasks, task_dir, streams, bos, bos_id,
+                       seconds)
     t0 = time.perf_counter()
     audit = audit_sparsity(model, records)
     seconds["audit"] = round(time.perf_counter() - t0, 3)
@@ -77,16 +64,8 @@ def evaluate_loaded(model: Any, tok: Any, *, data: Sequence[str] = ("builtin:wik
     if moved:
         model.to(device)
     try:
-        results: dict[str, dict] = {}
-        t0 = time.perf_counter()
-        for source, ids in (streams.items() if ppl else ()):
-            cap = _windows_cap(source, max_windows)
-            res = perplexity(model, ids, seqlen, batch_size=batch_size, max_windows=cap, device=device,
-                             progress=progress, description=f"ppl {source}", bos_id=bos_id)
-            results[source] = {"source": source, "split": split, **res, "stream_tokens": int(ids.numel()),
-                               "windows_sha256": _windows_sha256(ids, seqlen, cap, bos_id)}
-        if ppl:
-            seconds["perplexity"] = round(time.perf_counter() - t0, 3)
+        results = _perplexities(model, streams or {}, split, seqlen, batch_size, max_windows, device, progress,
+                                bos_id, seconds)
         zs = None
         if tasks:
             from owlctl.engine.evaluation.zeroshot import zeroshot
@@ -99,6 +78,46 @@ def evaluate_loaded(model: Any, tok: Any, *, data: Sequence[str] = ("builtin:wik
         if moved:
             model.to(home)
     return {"perplexity": results, "audit": audit, "zeroshot": zs, "seconds": seconds}
+
+
+def _prepare(model: Any, tok: Any, data: tuple, split: str, seqlen: int, max_windows: int | None, ppl: bool,
+             tasks: tuple | None, task_dir: Any, streams: dict | None, bos: str, bos_id: int | None,
+             seconds: dict) -> dict | None:
+    """Everything that can fail before a forward pass: the window length, unknown tasks, a too-short corpus."""
+    from owlctl.engine.evaluation.perplexity import windows
+
+    if ppl:
+        _check_seqlen(model, seqlen)
+    if tasks:
+        from owlctl.engine.evaluation.zeroshot import task_manager
+
+        task_manager(tasks, task_dir)  # unknown tasks fail here, before any forward pass (the index is cached)
+    if not ppl:
+        return None
+    if streams is None:
+        t0 = time.perf_counter()
+        streams = token_streams(data, split, tok, bos)
+        seconds["tokenize"] = round(time.perf_counter() - t0, 3)
+    for source, ids in streams.items():
+        windows(ids, seqlen, _windows_cap(source, max_windows), bos_id)  # too-short corpus: fail before work
+    return streams
+
+
+def _perplexities(model: Any, streams: dict, split: str, seqlen: int, batch_size: int, max_windows: int | None,
+                  device: str, progress: Any, bos_id: int | None, seconds: dict) -> dict:
+    from owlctl.engine.evaluation.perplexity import perplexity
+
+    results: dict[str, dict] = {}
+    t0 = time.perf_counter()
+    for source, ids in streams.items():
+        cap = _windows_cap(source, max_windows)
+        res = perplexity(model, ids, seqlen, batch_size=batch_size, max_windows=cap, device=device,
+                         progress=progress, description=f"ppl {source}", bos_id=bos_id)
+        results[source] = {"source": source, "split": split, **res, "stream_tokens": int(ids.numel()),
+                           "windows_sha256": _windows_sha256(ids, seqlen, cap, bos_id)}
+    if streams:
+        seconds["perplexity"] = round(time.perf_counter() - t0, 3)
+    return results
 
 
 def _same_device(a: Any, b: Any) -> bool:
