@@ -14,6 +14,9 @@ Two graph kinds (one per export; ``onnx-export.json`` beside ``model.onnx`` says
 All batch and sequence axes are dynamic. Position ids are computed inside the graph from the attention mask
 (cumsum - 1), so left padding and a fixed-size cache with masked empty slots both work; P may be 0 for the
 prompt in onnxruntime. Attention is exported in its eager form (plain MatMul/Softmax ops).
+
+Why one module of ~330 lines: the exporter, the onnxruntime runner that checks its graph, and the export
+directory change together (the graph's inputs are what the runner feeds and what the directory records).
 """
 
 from __future__ import annotations
@@ -314,6 +317,29 @@ def write_onnx_dir(model: Any, tok: Any, tmp: Path, src_dir: Path, *, kv_cache: 
              "dtype": spec["dtype"], "position_ids": spec["position_ids"],
              "exporter": "torch.onnx.export(dynamo=False) (TorchScript)", "attention": "eager"}
     return {"graph": graph, "verification": check, "onnx_bytes": onnx_bytes}, seconds
+
+
+def write_export(model: Any, tok: Any, info: Any, tmp: Path, *, kv_cache: bool = True, verify: bool = True,
+                 tolerance: float = 1e-3, threads: int = 1, cast_float: bool = True,
+                 seconds: dict | None = None) -> dict:
+    """The whole ONNX export directory in ``tmp``: graph, side files and onnx-export.json (the export
+    document, which is also returned)."""
+    import time
+
+    from owlctl.formats._io import dumps, header
+    from owlctl.formats.documents import validate
+
+    t0 = time.perf_counter()
+    onnx_doc, more = write_onnx_dir(model, tok, tmp, Path(info.path), kv_cache=kv_cache, verify=verify,
+                                    tolerance=tolerance, threads=threads, cast_float=cast_float)
+    files = sorted({p.name for p in tmp.iterdir()} | {ONNX_JSON})
+    st = sorted(Path(info.path).glob("*.safetensors"))
+    doc = {**header("export", "export", info.as_dict(), {**(seconds or {}), **more,
+                                                          "total": round(time.perf_counter() - t0, 3)}),
+           "format": "onnx", "output": None, "files": files,
+           "dense_safetensors_bytes": sum(f.stat().st_size for f in st) or None, "onnx": onnx_doc}
+    (tmp / ONNX_JSON).write_text(dumps(validate("export", doc)))
+    return doc
 
 
 def read_onnx_export(path: Path) -> dict:

@@ -75,26 +75,21 @@ def export(cfg: ExportConfig, progress: Any = None) -> dict:
         task.advance(1, info="loaded")
         src_dir = Path(info.path)
         seconds = {"load": round(time.perf_counter() - t0, 3)}
-        doc = {**header("export", "export", info.as_dict()), "format": cfg.format, "output": str(out), "files": [],
+        doc = {**header("export", "export", info.as_dict(), seconds), "format": cfg.format, "output": str(out), "files": [],
                "dense_safetensors_bytes": _dense_safetensors_bytes(src_dir)}
         with checkpoint_writer(out, cfg.force, claim) as tmp:
             if cfg.format == "packed":
                 doc["packed"] = _export_packed(model, tok, tmp, src_dir, info)
+                doc["files"] = sorted(p.name for p in tmp.iterdir())
             else:
-                from owlctl.deploy.onnx import ONNX_JSON, write_onnx_dir
+                from owlctl.deploy.onnx import write_export
 
-                doc["onnx"], more = write_onnx_dir(model, tok, tmp, src_dir, kv_cache=cfg.kv_cache,
-                                                   verify=cfg.verify, tolerance=cfg.tolerance, threads=cfg.threads,
-                                                   cast_float=cfg.dtype == "auto")
-                seconds.update(more)
-            doc["seconds"] = {**seconds, "total": round(time.perf_counter() - t0, 3)}
-            doc["files"] = sorted({p.name for p in tmp.iterdir()} | ({ONNX_JSON} if cfg.format == "onnx" else set()))
-            if cfg.format == "onnx":
-                from owlctl.formats._io import dumps
-                from owlctl.formats.documents import validate
-
-                (tmp / ONNX_JSON).write_text(dumps(validate("export", doc)))
+                doc = write_export(model, tok, info, tmp, kv_cache=cfg.kv_cache, verify=cfg.verify,
+                                   tolerance=cfg.tolerance, threads=cfg.threads, cast_float=cfg.dtype == "auto",
+                                   seconds=seconds)
+            doc["seconds"]["total"] = round(time.perf_counter() - t0, 3)
         task.advance(1, info="written")
+    doc["output"] = str(out)
     return doc
 
 

@@ -17,9 +17,10 @@ def onnx_dir_for(spec: str, progress: Any = None) -> Path:
     """An ONNX export (KV cache) of ``spec``: the directory itself if it is one, else a cached export."""
     import hashlib
 
-    from owlctl.engine.models import cache_dir, content_hash
-    from owlctl.deploy.onnx import is_onnx_export
-    from owlctl.ops.export import ExportConfig, export
+    from owlctl.deploy.onnx import is_onnx_export, write_export
+    from owlctl.engine.models import cache_dir, content_hash, load_model
+    from owlctl.formats.checkpoint import checkpoint_writer
+    from owlctl.progress import note
 
     if is_onnx_export(spec):
         return Path(spec)
@@ -27,7 +28,10 @@ def onnx_dir_for(spec: str, progress: Any = None) -> Path:
     key = hashlib.sha256(f"{content_hash(src)}|kv".encode()).hexdigest()[:16]
     out = cache_dir() / "onnx" / key
     if not is_onnx_export(out):
-        export(ExportConfig(checkpoint=spec, output=out, format="onnx", kv_cache=True, force=True), progress)
+        note(f"exporting {spec} to ONNX once (cached in {out})")
+        model, tok, info = load_model(spec)
+        with checkpoint_writer(out, True) as tmp:
+            write_export(model, tok, info, tmp)
     return out
 
 

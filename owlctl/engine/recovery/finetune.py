@@ -4,7 +4,10 @@ The recipe defaults follow the reference (r 8, alpha 16, dropout 0.05, q_proj + 
 decay 0, 5 warmup updates then linear decay, blocks of 1024 tokens, 128 sequences per update) with its bugs
 fixed (SPEC 12.13): the data is the one asked for, the tokenizer is the checkpoint's, and gradient accumulation
 counts every process (effective batch = batch_size x processes x accumulation). Runs under
-``accelerate launch`` unchanged; only the main process writes."""
+``accelerate launch`` unchanged; only the main process writes.
+
+Why ~320 lines: the run's phases share their state on one object (FinetuneRun); each phase is short.
+"""
 
 from __future__ import annotations
 
