@@ -45,8 +45,8 @@ def ensure_sparse(path: Path) -> Path:
 
 
 def main() -> int:
-    from owlctl.engine.models import cache_dir
     from owlctl.deploy.eol.deepsparse_host import cpu_info, deepsparse_venv
+    from owlctl.engine.models import cache_dir
     from owlctl.ops.bench import BenchConfig, bench
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -23,9 +23,9 @@ def main() -> int:
     import torch
     from safetensors.torch import load_file
 
-    from owlctl.formats import packed
-    from owlctl.engine.models import cache_dir
     from owlctl.deploy.eol.deepsparse_host import cpu_info
+    from owlctl.engine.models import cache_dir
+    from owlctl.formats import packed
     from owlctl.ops.export import ExportConfig, export
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

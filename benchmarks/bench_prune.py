@@ -44,14 +44,14 @@ def main() -> None:
     torch.set_num_threads(2)
     from owlctl.core.methods import MethodOptions, wanda_scores
     from owlctl.core.outliers import block_outliers
-    from owlctl.engine.data import tokens as data_mod
-    from owlctl.engine.data import calibration
-    from owlctl.engine.calibration.driver import run_blocks
-    from owlctl.engine.models import load_model
-    from owlctl.families import resolve
     from owlctl.engine.allocation import allocation_from_profile
+    from owlctl.engine.calibration.driver import run_blocks
     from owlctl.engine.calibration.profile import profile_model
     from owlctl.engine.calibration.prune import prune_model
+    from owlctl.engine.data import calibration
+    from owlctl.engine.data import tokens as data_mod
+    from owlctl.engine.models import load_model
+    from owlctl.families import resolve
 
     base, tok, info = load_model("builtin:smollm2-135m")
     rss_model = rss_mb()

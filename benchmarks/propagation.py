@@ -105,10 +105,10 @@ def main() -> None:
     import torch
 
     from owlctl.engine.data import resolve_bos
-    from owlctl.engine.models import load_model
     from owlctl.engine.evaluation.perplexity import windows
-    from owlctl.families import resolve
     from owlctl.engine.evaluation.texts import token_streams
+    from owlctl.engine.models import load_model
+    from owlctl.families import resolve
 
     model, tok, info = load_model(args.model)
     layout = resolve(model)

@@ -42,15 +42,15 @@ def main() -> None:
     import torch
 
     from owlctl.core.methods import MethodOptions
-    from owlctl.engine.data import calibration, resolve_bos
-    from owlctl.engine.models import load_model
-    from owlctl.families import resolve
     from owlctl.engine.allocation import allocation_from_profile, uniform_allocation
-    from owlctl.engine.evaluation.loaded import evaluate_loaded
-    from owlctl.engine.evaluation.texts import token_streams
-    from owlctl.ops.plot import plot_allocation
     from owlctl.engine.calibration.profile import profile_model
     from owlctl.engine.calibration.prune import prune_model
+    from owlctl.engine.data import calibration, resolve_bos
+    from owlctl.engine.evaluation.loaded import evaluate_loaded
+    from owlctl.engine.evaluation.texts import token_streams
+    from owlctl.engine.models import load_model
+    from owlctl.families import resolve
+    from owlctl.ops.plot import plot_allocation
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

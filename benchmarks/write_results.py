@@ -157,12 +157,23 @@ def main() -> None:
                   f"{old['owlctl_over_reference_wall']:.2f}.", ""]
     st = _load("bench_startup.json")
     if st:
-        parts += ["## Start-up", "", "| command | median wall s | minus bare python |", "|---|---|---|",
-                  f"| `python -c pass` | {st['python_bare_s']} | - |",
-                  f"| `owlctl --help` | {st['help_s']} | {st['help_minus_python_s']} |",
-                  f"| `owlctl allocate profile.json -s 0.7 --json` (32 blocks) | {st['allocate_s']} | "
-                  f"{st['allocate_minus_python_s']} |",
-                  f"| `python -c 'import torch'` (for scale) | {st['import_torch_s']} | - |", ""]
+        cur, base = st.get("current", st), st.get("baseline")
+        head = "| command | median wall s | median CPU s | minus bare python |"
+        rows = [("`python -c pass`", "python_bare", False), ("`owlctl --help`", "help", True),
+                ("`owlctl allocate profile.json --target-sparsity 0.7 --json` (32 blocks)", "allocate", True)]
+        if base:
+            head += " previous layout, minus bare python | ratio |"
+        parts += ["## Start-up", "", f"{st['runs']} runs of each, interleaved; load average "
+                  f"{st.get('load_average_before', '?')} before, {st.get('load_average_after', '?')} after.", "",
+                  head, "|---|---|---|---|" + ("---|---|" if base else "")]
+        for label, key, minus in rows:
+            line = (f"| {label} | {cur[key + '_s']} | {cur.get(key + '_cpu_s', '-')} | "
+                    f"{cur[key + '_minus_python_s'] if minus else '-'} |")
+            if base:
+                line += (f" {base[key + '_minus_python_s']} | {st['ratio_current_over_baseline'][key]} |" if minus
+                         else " - | - |")
+            parts.append(line)
+        parts += ["", f"For scale, `python -c 'import torch'`: {st['import_torch_s']} s.", ""]
     (DOCS / "results.md").write_text("\n".join(parts) + "\n")
 
 

@@ -42,10 +42,11 @@ def test_builtin_gemma_is_what_the_table_says(gemma):
 def test_propagation_beyond_the_sliding_window_equals_model_forward(gemma):
     """Windows of 640 tokens (> the 512-token sliding window): the sliding and the full-attention blocks get
     different masks and rotary tables, and the driver must feed each block its own."""
-    from owlctl.engine.evaluation.perplexity import windows
-    from owlctl.families import resolve
-    from owlctl.engine.evaluation.texts import token_streams
     from propagation_check import driver_block_io, model_block_outputs, rel_err
+
+    from owlctl.engine.evaluation.perplexity import windows
+    from owlctl.engine.evaluation.texts import token_streams
+    from owlctl.families import resolve
 
     model, tok, _info = gemma
     assert model.config.sliding_window < 640

@@ -60,11 +60,12 @@ def test_pipeline_owl_beats_uniform_at_70(tmp_path):
 
 def test_propagation_equals_model_forward_smollm2():
     """The driver's dense block-by-block forward equals the model's own forward at every block boundary."""
-    from owlctl.engine.models import load_model
-    from owlctl.engine.evaluation.perplexity import windows
-    from owlctl.families import resolve
-    from owlctl.engine.evaluation.texts import token_streams
     from propagation_check import driver_block_io, model_block_outputs, rel_err
+
+    from owlctl.engine.evaluation.perplexity import windows
+    from owlctl.engine.evaluation.texts import token_streams
+    from owlctl.engine.models import load_model
+    from owlctl.families import resolve
 
     model, tok, _info = load_model("builtin:smollm2-135m")
     layout = resolve(model)

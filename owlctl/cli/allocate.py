@@ -7,7 +7,6 @@ import typer
 from owlctl.cli import console
 from owlctl.cli.declare import command
 
-
 HELP = """Turn a profile into one sparsity per decoder block (OWL), in milliseconds, without the model.
 
 Reads the outlier ratio D_l of every block (percent of Wanda scores above M x the block mean, for the

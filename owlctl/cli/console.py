@@ -8,7 +8,6 @@ from contextlib import contextmanager
 from typing import Any, Iterator
 
 
-
 class _LazyConsole:
     """A rich Console created on first use: `owlctl allocate --json` never needs to import rich."""
 
@@ -95,7 +94,8 @@ class Progress:
         if not self.interactive:
             yield _PlainTask(description, total)
             return
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress as RP, TextColumn, TimeElapsedColumn
+        from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
+        from rich.progress import Progress as RP
 
         with RP(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                 TextColumn("{task.fields[info]}"), console=err.get(), transient=False) as p:

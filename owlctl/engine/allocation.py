@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import math
 from typing import Any
+
 from owlctl.core import allocation as core
 from owlctl.errors import InputError
 from owlctl.formats.allocation import build_allocation_doc
 from owlctl.formats.profile import block_names, block_numels, block_ratios, m_key, validate_profile
 from owlctl.options import Allocator, Balance, Clamp, check_choice
-
 
 UNSTRUCTURED_DEFAULTS = {"outlier_m": 5.0, "lam": 0.08}
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import math
 import os
-from datetime import datetime, timezone
 from typing import Any, Sequence
 
 from owlctl.formats._io import check_schema, dumps, header, read_json, sha256_bytes, sha256_file, write_json

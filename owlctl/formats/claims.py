@@ -9,8 +9,8 @@ import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
-from owlctl.errors import OutputError, OutputExistsError
 
+from owlctl.errors import OutputError, OutputExistsError
 
 _FINISHED: list[str] = []  # outputs this process completed (named in the message when it is interrupted)
 

@@ -24,7 +24,6 @@ from typing import Any, Optional
 import msgspec
 from msgspec import Struct
 
-from owlctl import __version__
 from owlctl.formats.kinds import VERSIONS, parse_schema, schema_name
 
 Seconds = dict[str, float]

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -188,7 +187,6 @@ def read_header(path: str | Path) -> dict:
 
 def load_state_dict(path: str | Path, verify: bool = True) -> dict[str, Any]:
     """The dense state dict of a packed directory, every tensor bit-identical to the exported one."""
-    import torch
     from safetensors.torch import load_file
 
     path = Path(path)
@@ -219,7 +217,6 @@ def load_state_dict(path: str | Path, verify: bool = True) -> dict[str, Any]:
 
 def load_packed(path: str | Path, verify: bool = True) -> Any:
     """Rebuild the transformers CausalLM of a packed directory (CPU, eval mode, use_cache off)."""
-    import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
     path = Path(path)

@@ -9,11 +9,23 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from owlctl.engine.allocation import allocation_from_profile
 from owlctl.formats.allocation import write_allocation
 from owlctl.formats.profile import read_profile
-from owlctl.options import (ALLOCATOR, BALANCE, CLAMP, FORCE, LAMBDA, OUTLIER_M, OUTPUT, PATTERN, SPECIAL,
-                            TARGET_SPARSITY, arg, opt)
-from owlctl.engine.allocation import allocation_from_profile
+from owlctl.options import (
+    ALLOCATOR,
+    BALANCE,
+    CLAMP,
+    FORCE,
+    LAMBDA,
+    OUTLIER_M,
+    OUTPUT,
+    PATTERN,
+    SPECIAL,
+    TARGET_SPARSITY,
+    arg,
+    opt,
+)
 
 
 @dataclass(frozen=True, kw_only=True)

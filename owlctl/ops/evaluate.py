@@ -18,14 +18,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from owlctl.engine.evaluation.zeroshot import PAPER_TASKS
-from owlctl.errors import InputError
-from owlctl.options import BOS, ComputeOptions, Split, arg, opt, parse_list
 from owlctl.engine.evaluation.audit import audit_sparsity
-from owlctl.engine.evaluation.loaded import _expand_tasks, evaluate_loaded
-from owlctl.engine.evaluation.texts import C4_WINDOWS, SPLITS, _windows_cap, calibration_records, check_calibration_overlap, token_streams
 from owlctl.engine.evaluation.defaults import eval_defaults
-from owlctl.errors import ModelError
+from owlctl.engine.evaluation.loaded import _expand_tasks, evaluate_loaded
+from owlctl.engine.evaluation.texts import (
+    C4_WINDOWS,
+    SPLITS,
+    _windows_cap,
+    calibration_records,
+    check_calibration_overlap,
+    token_streams,
+)
+from owlctl.engine.evaluation.zeroshot import PAPER_TASKS
+from owlctl.errors import InputError, ModelError
+from owlctl.options import BOS, ComputeOptions, Split, arg, opt, parse_list
 
 __all__ = ["EvalConfig", "evaluate", "evaluate_loaded", "audit_sparsity", "eval_defaults", "token_streams",
            "check_calibration_overlap", "PAPER_TASKS", "C4_WINDOWS"]
@@ -137,7 +143,6 @@ def evaluate(cfg: EvalConfig, progress: Any = None) -> dict:
     from owlctl.engine.models import load_tokenizer, local_dir, model_config, origin_id, resolve_device
     from owlctl.formats._io import header
     from owlctl.ops.checks import check_seqlen, context_length
-    from owlctl.ops.common import now
 
     _validate(cfg)
     tasks = _expand_tasks(cfg.tasks)

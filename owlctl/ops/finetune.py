@@ -15,7 +15,7 @@ from typing import Any
 
 from owlctl.engine.recovery.finetune import FinetuneWarning  # noqa: F401 (the API's warning class)
 from owlctl.errors import InputError
-from owlctl.options import (DTYPE, FORCE, OUTPUT, FinetuneDevice, KeepSparsity, MixedPrecision, arg, opt)
+from owlctl.options import DTYPE, FORCE, OUTPUT, FinetuneDevice, KeepSparsity, MixedPrecision, arg, opt
 
 KEEP_MODES = ("merge-mask", "masked-lora")
 
@@ -114,8 +114,8 @@ def finetune(cfg: FinetuneConfig, progress: Any = None) -> dict:
     """LoRA-finetune a (pruned) checkpoint and save it without losing its zeros. Returns the summary document
     (on every process; ``process.main`` says whether this one wrote the output)."""
     _validate(cfg)
-    from owlctl.formats.claims import check_not_input, check_output
     from owlctl.formats.checkpoint import read_checkpoint_records
+    from owlctl.formats.claims import check_not_input, check_output
 
     ckpt, output = Path(cfg.checkpoint).expanduser(), Path(cfg.output).expanduser()
     check_output(output, cfg.force, "dir")

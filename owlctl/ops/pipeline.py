@@ -15,8 +15,19 @@ from pathlib import Path
 from typing import Any
 
 from owlctl.errors import InputError
-from owlctl.options import (FORCE, LAMBDA, METHOD, MODEL, OUTLIER_M, OUTPUT, TARGET_SPARSITY, CalibrationOptions,
-                            ComputeOptions, Split, opt)
+from owlctl.options import (
+    FORCE,
+    LAMBDA,
+    METHOD,
+    MODEL,
+    OUTLIER_M,
+    OUTPUT,
+    TARGET_SPARSITY,
+    CalibrationOptions,
+    ComputeOptions,
+    Split,
+    opt,
+)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -56,10 +67,10 @@ class _Plan:
 
 def _plan(cfg: PipelineConfig) -> _Plan:
     """Every check that needs no weights: options, the model's config.json (context), data defaults."""
+    from owlctl.engine.evaluation.defaults import eval_defaults
     from owlctl.engine.models import BUILTIN_MODEL, model_config
     from owlctl.ops.checks import check_owl_knobs, check_seqlen, context_length
     from owlctl.ops.common import calib_defaults
-    from owlctl.engine.evaluation.defaults import eval_defaults
     from owlctl.options import Bos, Method, Split, check_choice, check_device
 
     check_choice("--method", cfg.method, Method)
@@ -95,7 +106,6 @@ def pipeline(cfg: PipelineConfig, progress: Any = None, log: Any = None) -> dict
         doc, files = _run(cfg, plan, progress, log or (lambda _m: None), claim)
         if claim is not None:
             from owlctl.formats._io import dumps
-
             from owlctl.formats.documents import validate
             from owlctl.formats.kinds import parse_schema
 
@@ -106,14 +116,14 @@ def pipeline(cfg: PipelineConfig, progress: Any = None, log: Any = None) -> dict
 
 
 def _run(cfg: PipelineConfig, plan: _Plan, progress: Any, say: Any, claim: Any) -> tuple[dict, dict]:
+    from owlctl.engine.allocation import allocation_from_profile, uniform_allocation
+    from owlctl.engine.calibration.profile import profile_model
     from owlctl.engine.data import calibration
+    from owlctl.engine.evaluation.texts import check_calibration_overlap, token_streams
     from owlctl.engine.models import load_model, load_tokenizer, local_dir, resolve_device
     from owlctl.families import resolve
     from owlctl.formats._io import header
-    from owlctl.engine.allocation import allocation_from_profile, uniform_allocation
-    from owlctl.ops.common import now, peak_rss_mb, resolve_bos
-    from owlctl.engine.evaluation.texts import check_calibration_overlap, token_streams
-    from owlctl.engine.calibration.profile import profile_model
+    from owlctl.ops.common import peak_rss_mb, resolve_bos
 
     device = resolve_device(cfg.device)
     t_start = time.perf_counter()
@@ -199,8 +209,8 @@ class _Context:
 
     def prune_and_evaluate(self, base: Any, label: str, alloc: dict, checkpoints: dict) -> dict:
         from owlctl.core.methods import MethodOptions
-        from owlctl.families import resolve
         from owlctl.engine.calibration.prune import prune_model
+        from owlctl.families import resolve
 
         model = copy.deepcopy(base)
         t0 = time.perf_counter()

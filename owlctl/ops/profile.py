@@ -7,9 +7,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from owlctl.engine.calibration.profile import profile_model
 from owlctl.errors import InputError
 from owlctl.options import FORCE, MODEL, OUTPUT, CalibrationOptions, ComputeOptions, opt, parse_floats
-from owlctl.engine.calibration.profile import profile_model
 
 DEFAULT_MS = (3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0, 10.0)
 

@@ -8,11 +8,27 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from owlctl.errors import InputError
-from owlctl.options import (ALLOCATION, BALANCE, CLAMP, FORCE, FROM_PROFILE, LAMBDA, METHOD, MODEL, OUTLIER_M,
-                            OUTPUT, PATTERN, SPECIAL, TARGET_SPARSITY, CalibrationOptions, ComputeOptions,
-                            WandaGroup, opt)
 from owlctl.engine.calibration.prune import prune_model
+from owlctl.errors import InputError
+from owlctl.options import (
+    ALLOCATION,
+    BALANCE,
+    CLAMP,
+    FORCE,
+    FROM_PROFILE,
+    LAMBDA,
+    METHOD,
+    MODEL,
+    OUTLIER_M,
+    OUTPUT,
+    PATTERN,
+    SPECIAL,
+    TARGET_SPARSITY,
+    CalibrationOptions,
+    ComputeOptions,
+    WandaGroup,
+    opt,
+)
 
 # `owlctl nm` shows these PruneConfig options; `owlctl prune` all but --pattern and --special.
 NM_ONLY = ("pattern", "special")
@@ -82,8 +98,8 @@ def _early_allocation(cfg: PruneConfig, config: dict) -> dict | None:
     model's config.json before any weight is read (a missing M, a profile of another model, ...)."""
     blocks = config.get("num_hidden_layers", config.get("n_layer"))
     if cfg.from_profile is not None:
-        from owlctl.formats.profile import read_profile
         from owlctl.engine.allocation import allocation_from_profile
+        from owlctl.formats.profile import read_profile
 
         prof, sha = read_profile(cfg.from_profile)
         _check_blocks(prof["model"], blocks, f"profile {cfg.from_profile}", PROFILE_FIX)

@@ -11,8 +11,14 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from owlctl.core import allocation as alloc
-from owlctl.core.allocation import (mixed_nm_keep, outlier_ratio_pct, owl_sparsities, parse_pattern,
-                                    uniform_sparsities, weighted_mean)
+from owlctl.core.allocation import (
+    mixed_nm_keep,
+    outlier_ratio_pct,
+    owl_sparsities,
+    parse_pattern,
+    uniform_sparsities,
+    weighted_mean,
+)
 
 
 def raw_owl(ratios, target, lam, weights=None):

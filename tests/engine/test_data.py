@@ -5,9 +5,20 @@ import json
 import pytest
 from transformers import AutoTokenizer
 
-from owlctl.engine.data import (CHAR_RULE, SPLIT_RULE, bos_warning, calibration, documents, fingerprint_overlap,
-                                overlap_texts,
-                                resolve_bos, split_info, text_fingerprint, tokenizer_adds_bos, wiki_articles)
+from owlctl.engine.data import (
+    CHAR_RULE,
+    SPLIT_RULE,
+    bos_warning,
+    calibration,
+    documents,
+    fingerprint_overlap,
+    overlap_texts,
+    resolve_bos,
+    split_info,
+    text_fingerprint,
+    tokenizer_adds_bos,
+    wiki_articles,
+)
 from owlctl.errors import DataError, InputError
 
 
@@ -122,7 +133,6 @@ def test_resolve_bos(tiny_llama, tiny_llama_bos):
 def test_calibration_windows_start_with_bos_exactly_when_asked(bos, tiny_llama_bos, text_file):
     import random
 
-    import torch
 
     tok = AutoTokenizer.from_pretrained(tiny_llama_bos)
     cal = calibration(str(text_file), tok, nsamples=6, seqlen=20, seed=4, bos=bos)

@@ -4,8 +4,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from owlctl.core.methods import wanda_scores
-from owlctl.engine.data import calibration
 from owlctl.engine.calibration.driver import run_blocks
+from owlctl.engine.data import calibration
 from owlctl.families import resolve
 
 
@@ -98,8 +98,8 @@ def test_hooks_removed_when_decide_raises(tiny_llama, text_file):
 
 
 def test_profile_counts_match_naive_scores(tiny_llama, text_file):
-    from owlctl.engine.models import load_model
     from owlctl.engine.calibration.profile import profile_model
+    from owlctl.engine.models import load_model
 
     model, tok, info = load_model(str(tiny_llama))
     layout = resolve(model)

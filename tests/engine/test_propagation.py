@@ -7,12 +7,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from propagation_check import driver_block_io, model_block_outputs, rel_err
+from tiny import FAMILIES, SLIDING, VARIANTS
 from transformers import AutoModelForCausalLM
 
 from owlctl.engine.calibration.driver import run_blocks
 from owlctl.families import resolve
-from propagation_check import driver_block_io, model_block_outputs, rel_err
-from tiny import FAMILIES, SLIDING, VARIANTS
 
 NAMES = list(FAMILIES) + list(VARIANTS)
 NSEQ, SEQLEN = 5, 3 * SLIDING  # windows three times longer than the sliding window

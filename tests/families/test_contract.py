@@ -2,10 +2,10 @@
 
 import pytest
 import torch
+from tiny import FAMILIES
 from transformers import AutoModelForCausalLM
 
 from owlctl.families import REGISTRY, resolve, share_groups
-from tiny import FAMILIES
 
 
 def test_every_registered_family_has_a_tiny_model():

@@ -9,10 +9,14 @@ import pytest
 
 from owlctl.errors import FormatError, InputError, OutputExistsError
 from owlctl.formats._io import dumps, sha256_file
-from owlctl.formats.allocation import (allocation_sha256, build_allocation_doc, read_allocation,
-                                       validate_allocation, write_allocation)
-from owlctl.formats.profile import (block_numels, block_ratios, m_key, profiled_m, read_profile,
-                                    validate_profile)
+from owlctl.formats.allocation import (
+    allocation_sha256,
+    build_allocation_doc,
+    read_allocation,
+    validate_allocation,
+    write_allocation,
+)
+from owlctl.formats.profile import block_numels, block_ratios, m_key, profiled_m, read_profile, validate_profile
 
 # block numels 1000 each; M=5 counts 10, 20, 30, 20 -> D = 1, 2, 3, 2 %
 COUNTS = {"3": [40, 50, 90, 60], "5": [10, 20, 30, 20], "6.5": [1, 2, 3, 2]}
@@ -249,8 +253,8 @@ def test_allocation_wrong_schema(tmp_path):
 
 # ------------------------------------------------------------------------------- Python API (owlctl.ops)
 def test_allocation_from_profile_param_balance():
-    from owlctl.formats.allocation import block_sparsities
     from owlctl.engine.allocation import allocation_from_profile
+    from owlctl.formats.allocation import block_sparsities
 
     doc = make_profile()
     doc["blocks"][2]["numel"] = 3000  # heterogeneous blocks

@@ -58,8 +58,8 @@ def test_two_four_pattern_check():
 
 
 def test_sparsified_model_logits_equal_dense(pruned70):
-    from owlctl.engine.models import load_model
     from owlctl.deploy.runtimes.torch import torch_generate
+    from owlctl.engine.models import load_model
 
     dense, _, _ = load_model(str(pruned70))
     sparse, _, _ = load_model(str(pruned70))

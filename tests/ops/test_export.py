@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from owlctl.formats import packed
-from owlctl.errors import FormatError, ModelError, OutputExistsError
-from owlctl.formats.kinds import schema_name
 from owlctl.engine.models import load_model
+from owlctl.errors import FormatError, ModelError, OutputExistsError
+from owlctl.formats import packed
+from owlctl.formats.kinds import schema_name
 from owlctl.ops.export import ExportConfig, export
 
 

@@ -5,13 +5,13 @@ import json
 
 import pytest
 import torch
+from tiny import FAMILIES
 from transformers import AutoModelForCausalLM
 
 from owlctl.errors import InputError, OutputExistsError
 from owlctl.formats.checkpoint import read_checkpoint_records
 from owlctl.ops.profile import ProfileConfig, profile
 from owlctl.ops.prune import PruneConfig, nm, prune
-from tiny import FAMILIES
 
 CAL = dict(nsamples=4, seqlen=32, device="cpu")
 
@@ -84,8 +84,9 @@ def test_mixed_nm_from_profile(tiny_llama, text_file, tiny_profile, tmp_path):
 
 
 def test_allocation_file_and_metadata(tiny_llama, text_file, tiny_profile, tmp_path):
-    from owlctl.ops.allocate import AllocateConfig, allocate
     from safetensors import safe_open
+
+    from owlctl.ops.allocate import AllocateConfig, allocate
 
     allocate(AllocateConfig(profile=tiny_profile, target_sparsity=0.7, output=tmp_path / "a.json"))
     prune(_cfg(tiny_llama, tmp_path / "ck", text_file, method="wanda", allocation=tmp_path / "a.json"))

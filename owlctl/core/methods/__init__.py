@@ -173,5 +173,7 @@ def wanda_scores(weight: Any, act_sq_norm: Any) -> Any:
     return scores(weight, act_sq_norm)
 
 
-# The registry: one line per method (order = order in --help).
-from owlctl.core.methods import magnitude, wanda, sparsegpt  # noqa: E402,F401
+# The registry: one line per method; the order here is the order in --help.
+from owlctl.core.methods import magnitude  # noqa: E402,F401,I001  isort: skip
+from owlctl.core.methods import wanda  # noqa: E402,F401  isort: skip
+from owlctl.core.methods import sparsegpt  # noqa: E402,F401  isort: skip

@@ -5,16 +5,16 @@ from __future__ import annotations
 import time
 from pathlib import Path
 from typing import Any
-from owlctl.errors import InputError
+
 from owlctl.deploy.measure import row
 from owlctl.deploy.runtimes.onnxruntime import onnx_dir_for, reference_logits
+from owlctl.errors import InputError
 
 
 def row_deepsparse(spec: str, cfg: Any, prompt: Any, task: Any, label: str, py: Path) -> dict:
     import torch
 
     from owlctl.deploy.eol import deepsparse_host
-
     from owlctl.deploy.onnx import ONNX_FILE, read_onnx_export
 
     odir = onnx_dir_for(spec)

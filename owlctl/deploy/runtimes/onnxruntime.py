@@ -6,11 +6,12 @@ from __future__ import annotations
 import time
 from pathlib import Path
 from typing import Any
-from owlctl.errors import InputError
+
 from owlctl.deploy.measure import row, timed_runs
 from owlctl.deploy.runtimes.torch import prunable_sparsity
 from owlctl.engine.memory import rss_mb, settle_memory
 from owlctl.engine.models import local_dir
+from owlctl.errors import InputError
 
 
 def onnx_dir_for(spec: str, progress: Any = None) -> Path:
@@ -52,8 +53,7 @@ def reference_logits(spec: str, prompt: Any, cfg: Any) -> tuple[Any, float | Non
 def row_onnxruntime(spec: str, cfg: Any, prompt: Any, task: Any, label: str) -> dict:
     import torch
 
-    from owlctl.deploy.onnx import ort_generate, ort_session
-    from owlctl.deploy.onnx import ONNX_FILE, read_onnx_export
+    from owlctl.deploy.onnx import ONNX_FILE, ort_generate, ort_session, read_onnx_export
 
     odir = onnx_dir_for(spec)
     doc = read_onnx_export(odir)

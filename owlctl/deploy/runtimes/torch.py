@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import time
 from typing import Any
-from owlctl.errors import ModelError
+
 from owlctl.deploy.measure import row, sync, timed_runs
 from owlctl.engine.memory import rss_mb, settle_memory
+from owlctl.errors import ModelError
 
 
 def prunable_sparsity(model: Any) -> float | None:

@@ -14,9 +14,10 @@ from __future__ import annotations
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
-import torch
-from owlctl.families import ModelLayout
 
+import torch
+
+from owlctl.families import ModelLayout
 
 _DROP_KWARGS = ("past_key_values", "past_key_value", "layer_past", "cache", "use_cache", "output_attentions")
 

@@ -11,10 +11,12 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
+
 import torch
+
 from owlctl.core.stats import InputStatistics
-from owlctl.families import ModelLayout, share_groups
 from owlctl.engine.calibration.capture import _block_forward, capture_inputs
+from owlctl.families import ModelLayout, share_groups
 from owlctl.progress import task as progress_task
 
 

@@ -3,8 +3,8 @@
 
 from __future__ import annotations
 
-import time
 from typing import Any
+
 from owlctl.errors import InputError, ModelError
 
 

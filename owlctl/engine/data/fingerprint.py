@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import hashlib
-from owlctl.engine.data.sources import _paragraphs
 
+from owlctl.engine.data.sources import _paragraphs
 
 MIN_PARAGRAPH_CHARS = 40  # shorter paragraphs (headings, "References") are not fingerprinted
 

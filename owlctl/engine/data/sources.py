@@ -22,8 +22,8 @@ import os
 import re
 from pathlib import Path
 from typing import Any
-from owlctl.errors import DataError, InputError
 
+from owlctl.errors import DataError, InputError
 
 BUILTIN_WIKI = "builtin:wiki"
 

@@ -15,11 +15,10 @@ import os
 import random
 from dataclasses import dataclass
 from typing import Any
-from owlctl.errors import DataError, InputError
+
 from owlctl.engine.data.fingerprint import text_fingerprint
 from owlctl.engine.data.sources import documents, split_info
-
-
+from owlctl.errors import DataError, InputError
 
 
 @dataclass

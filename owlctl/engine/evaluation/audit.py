@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
-
 NO_ALLOCATION = "no allocation recorded"
 
 

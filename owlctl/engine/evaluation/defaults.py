@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from typing import Sequence
 
-
 DEFAULT_EVAL = {"data": ("wikitext2",), "seqlen": 2048}
 
 

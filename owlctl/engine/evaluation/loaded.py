@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import time
 from typing import Any, Sequence
+
+from owlctl.engine.evaluation.audit import audit_sparsity
+from owlctl.engine.evaluation.texts import SPLITS, _windows_cap, _windows_sha256, token_streams
 from owlctl.engine.evaluation.zeroshot import PAPER_TASKS
 from owlctl.errors import InputError
 from owlctl.progress import interactive
-from owlctl.engine.evaluation.audit import audit_sparsity
-from owlctl.engine.evaluation.texts import SPLITS, _windows_cap, _windows_sha256, token_streams
 
 
 def _expand_tasks(tasks: Sequence[str] | None) -> tuple[str, ...] | None:

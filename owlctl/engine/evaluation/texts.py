@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import hashlib
 from typing import Any, Sequence
-from owlctl.errors import ModelError
 
+from owlctl.errors import ModelError
 
 SPLITS = ("test", "validation")  # never "calib": evaluating on calibration text would flatter the model
 

@@ -19,9 +19,9 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from owlctl.errors import ModelError
-from owlctl.engine.models.cache import cache_dir
 
+from owlctl.engine.models.cache import cache_dir
+from owlctl.errors import ModelError
 
 BUILTIN_MODEL = "builtin:smollm2-135m"  # the default model (README, pipeline)
 

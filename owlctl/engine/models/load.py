@@ -6,10 +6,10 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from owlctl.errors import ModelError
+
 from owlctl.engine.models.device import resolve_device, resolve_dtype
-from owlctl.engine.models.source import content_hash, local_dir, origin_id
-from owlctl.engine.models.source import pruned_from
+from owlctl.engine.models.source import content_hash, local_dir, origin_id, pruned_from
+from owlctl.errors import ModelError
 
 
 @dataclass

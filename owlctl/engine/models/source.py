@@ -6,8 +6,9 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from owlctl.errors import InputError, ModelError
+
 from owlctl.engine.models.builtins import BUILTIN_MODELS, builtin_ids, builtin_model_dir
+from owlctl.errors import InputError, ModelError
 
 
 def local_dir(spec: str) -> tuple[Path, str | None]:

@@ -14,12 +14,11 @@ from __future__ import annotations
 import copy
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from owlctl.errors import DataError, InputError, ModelError, OwlctlWarning
-from dataclasses import field
 
+from owlctl.errors import DataError, InputError, ModelError, OwlctlWarning
 
 KNOWN_CORPORA = ("builtin:wiki", "c4", "wikitext2")
 
@@ -96,8 +95,8 @@ def batching(cfg: Any, world: int, warn: Any) -> tuple[int, int]:
 def load_checked(cfg: Any, ckpt: Path, records: dict, warn: Any) -> tuple:
     """Load the checkpoint and find everything that can be wrong before any training:
     (model, tokenizer, info, layout, targets, zero counts per prunable Linear)."""
-    from owlctl.engine.recovery import lora
     from owlctl.engine.models import load_model
+    from owlctl.engine.recovery import lora
     from owlctl.families import resolve
 
     model, tok, info = load_model(str(ckpt), cfg.dtype)
