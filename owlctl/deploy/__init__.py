@@ -1,0 +1,1 @@
+"""Running pruned models: owlctl's sparse CPU kernels (``owlctl.deploy.kernels``)."""

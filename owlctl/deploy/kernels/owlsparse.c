@@ -1,0 +1,1140 @@
+/* owlsparse.c: owlctl's sparse Linear kernels for CPUs (y = x W^T + b with W stored as its nonzeros).
+
+   Format ("bitmask"), built by owlctl/deploy/kernels/linear.py:
+     mask  uint16 (n_out, ng): bit c of word j of row r is set when W[r, 16 j + c] != 0. ng is
+           ceil(n_in / 16) rounded up to a multiple of 4, so one row's mask is whole 64-bit words; the
+           padding bits are 0.
+     vals  the nonzeros of each row in column order, rows one after another, in the weight's dtype
+           (float32, bfloat16 or float16), followed by at least OWL_VPAD zeros: vector loads of 16 values
+           may start at any nonzero and run past it.
+     rp    int64 (n_out + 1): rp[r] is the index in vals of row r's first nonzero.
+     bias  float32 (n_out) or NULL.
+   Bytes per weight at density d: d x value size + 1/8, i.e. 0.33x dense at 70% sparsity in float32 and
+   0.36x in bfloat16. Products are accumulated in float32 whatever the stored dtype.
+
+   Decode (one token, T = 1) streams the matrix once: memory bound. Several tokens (prefill, batches) go in
+   tiles of OWL_TT tokens transposed into a buffer (input-major, 64 tokens per input) whose chunks of
+   OWL_KC inputs stay in L1 while the rows of a block of OWL_RB rows are applied to them; a row block's
+   values stay in L2 across the tiles of a super-tile, so the matrix is read from memory once per
+   OWL_ST tokens.
+
+   Threads: a persistent pool (workers created on first use; they spin briefly, yield, then sleep on a
+   condition variable, so an idle pool costs nothing). Rows are split across threads at points that balance
+   the bytes each thread reads (nonzeros x value size + mask), computed when the matrix is set up. Each row
+   is computed by one thread in an order that does not depend on the split, so results are bit-identical
+   for every thread count.
+
+   ISAs: one library holds three variants selected at run time (or forced by the caller): AVX-512 (masked
+   expand of 16 values per mask word), AVX2 (an 8-bit mask -> permutation lookup table, vpermps and a zeroing
+   mask) and portable C. Compiled without -march: each variant carries its own target attribute and is
+   only called after __builtin_cpu_supports says the CPU (and OS) has it. */
+
+#define _GNU_SOURCE
+#include <pthread.h>
+#include <sched.h>
+#include <signal.h>
+#include <stdatomic.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#if defined(__x86_64__) || defined(__i386__)
+#define OWL_X86 1
+#include <immintrin.h>
+#else
+#define OWL_X86 0
+#endif
+
+#define OWL_API __attribute__((visibility("default")))
+#define OWL_INLINE static inline __attribute__((always_inline))
+
+#define OWL_ABI 1           /* bumped when a signature or owl_mat changes; checked by linear.py */
+#define OWL_MAX_THREADS 256
+#define OWL_VPAD 32         /* zeros after the last value (the widest read is 16 values from a nonzero) */
+#define OWL_TT 64           /* tokens per tile (4 vectors of 16) */
+#define OWL_KC 8            /* mask words (of 16 inputs) per chunk at 64 tokens: 128 x 64 x 4 B = 32 KiB */
+#define OWL_KCMAX 32        /* narrower tiles take wider chunks (32 / vectors words): same 32 KiB */
+#define OWL_RB 128          /* rows per block */
+#define OWL_ST 4            /* tiles per super-tile: 256 tokens */
+
+enum { OWL_F32 = 0, OWL_BF16 = 1, OWL_F16 = 2 };
+enum { OWL_PORTABLE = 0, OWL_AVX2 = 1, OWL_AVX512 = 2, OWL_AVX512V = 3, OWL_NISA = 4 };
+enum { OWL_OK = 0, OWL_EARG = -1, OWL_EISA = -2, OWL_ENOMEM = -3 };
+
+/* ------------------------------------------------------------------ scalar conversions */
+
+OWL_INLINE float owl_bits_f32(uint32_t u) { float f; memcpy(&f, &u, 4); return f; }
+OWL_INLINE uint32_t owl_f32_bits(float f) { uint32_t u; memcpy(&u, &f, 4); return u; }
+
+OWL_INLINE float owl_bf16_f32(uint16_t h) { return owl_bits_f32((uint32_t)h << 16); }
+
+OWL_INLINE uint16_t owl_f32_bf16(float f) {  /* round to nearest even; NaN -> 0x7fc0 as torch does */
+    uint32_t u = owl_f32_bits(f);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return 0x7fc0;
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return (uint16_t)(u >> 16);
+}
+
+static float owl_f16_f32(uint16_t h) {  /* exact */
+    uint32_t sign = (uint32_t)(h & 0x8000u) << 16, exp = (h >> 10) & 0x1fu, man = h & 0x3ffu, u;
+    if (exp == 0x1f) {
+        u = sign | 0x7f800000u | (man << 13);
+    } else if (exp) {
+        u = sign | ((exp + 112u) << 23) | (man << 13);
+    } else if (!man) {
+        u = sign;
+    } else {  /* subnormal: shift the leading 1 up to the implicit bit */
+        uint32_t e = 113;
+        while (!(man & 0x400u)) { man <<= 1; --e; }
+        u = sign | (e << 23) | ((man & 0x3ffu) << 13);
+    }
+    return owl_bits_f32(u);
+}
+
+static uint16_t owl_f32_f16(float f) {  /* round to nearest even */
+    uint32_t u = owl_f32_bits(f);
+    const uint16_t sign = (uint16_t)((u >> 16) & 0x8000u);
+    u &= 0x7fffffffu;
+    if (u > 0x7f800000u) return sign | 0x7e00u;          /* NaN */
+    if (u >= 0x477ff000u) return sign | 0x7c00u;         /* >= 65520 rounds to infinity */
+    if (u >= 0x38800000u) {                               /* normal half: rebias the exponent, round */
+        uint32_t r = u - 0x38000000u;
+        r += 0xfffu + ((r >> 13) & 1u);
+        return sign | (uint16_t)(r >> 13);
+    }
+    /* subnormal half: adding 0.5 leaves the value's multiple of 2^-24 (rounded to even) in the low bits */
+    const float t = owl_bits_f32(u) + 0.5f;
+    return sign | (uint16_t)(owl_f32_bits(t) - 0x3f000000u);
+}
+
+OWL_INLINE float owl_load_val(const void *v, int64_t i, int vd) {
+    if (vd == OWL_F32) return ((const float *)v)[i];
+    if (vd == OWL_BF16) return owl_bf16_f32(((const uint16_t *)v)[i]);
+    return owl_f16_f32(((const uint16_t *)v)[i]);
+}
+
+OWL_INLINE void owl_store_val(void *y, int64_t i, float f, int dt) {
+    if (dt == OWL_F32) ((float *)y)[i] = f;
+    else if (dt == OWL_BF16) ((uint16_t *)y)[i] = owl_f32_bf16(f);
+    else ((uint16_t *)y)[i] = owl_f32_f16(f);
+}
+
+/* ------------------------------------------------------------------ lookup tables (built once) */
+
+static int32_t owl_lut_expand[256][8] __attribute__((aligned(32)));  /* lane -> value slot, or sign bit: zero */
+static uint8_t owl_lut_pos[256][8] __attribute__((aligned(8)));      /* the set bits' lane numbers, in order */
+static uint8_t owl_lut_pc[256];                                      /* popcount of a byte */
+static pthread_once_t owl_once = PTHREAD_ONCE_INIT;
+
+static void owl_pool_atfork_child(void);
+static int owl_isa_detect(int isa);
+static int owl_isa_have[OWL_NISA];  /* filled once by owl_init_once */
+
+static void owl_init_once(void) {
+    for (int b = 0; b < 256; ++b) {
+        int n = 0;
+        for (int i = 0; i < 8; ++i) {
+            owl_lut_pos[b][i] = 0;
+            if (b >> i & 1) {
+                owl_lut_expand[b][i] = n;
+                owl_lut_pos[b][n++] = (uint8_t)i;
+            } else {
+                owl_lut_expand[b][i] = INT32_MIN;
+            }
+        }
+        owl_lut_pc[b] = (uint8_t)n;
+    }
+    for (int isa = OWL_PORTABLE; isa < OWL_NISA; ++isa) owl_isa_have[isa] = owl_isa_detect(isa);
+    pthread_atfork(NULL, NULL, owl_pool_atfork_child);
+}
+
+OWL_INLINE int owl_pc16(unsigned m) { return owl_lut_pc[m & 0xff] + owl_lut_pc[(m >> 8) & 0xff]; }
+
+/* ------------------------------------------------------------------ CPU features */
+
+static int owl_isa_detect(int isa) {
+    if (isa == OWL_PORTABLE) return 1;
+#if OWL_X86
+    __builtin_cpu_init();
+    if (isa == OWL_AVX2)
+        return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("popcnt") &&
+               __builtin_cpu_supports("f16c");
+    if (isa == OWL_AVX512)
+        return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+               __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("popcnt") &&
+               __builtin_cpu_supports("f16c") && __builtin_cpu_supports("fma");
+    if (isa == OWL_AVX512V) return owl_isa_detect(OWL_AVX512) && __builtin_cpu_supports("avx512vbmi2");
+#endif
+    return 0;
+}
+
+static int owl_isa_ok(int isa) {
+    pthread_once(&owl_once, owl_init_once);
+    return isa >= OWL_PORTABLE && isa < OWL_NISA && owl_isa_have[isa];
+}
+
+OWL_API int owl_abi(void) { return OWL_ABI; }
+OWL_API int owl_isa_supported(int isa) { return owl_isa_ok(isa); }
+OWL_API int owl_has_avx512(void) { return owl_isa_ok(OWL_AVX512); }  /* kept for owlctl's older callers */
+OWL_API int owl_isa_best(void) {
+    for (int isa = OWL_NISA - 1; isa > OWL_PORTABLE; --isa)
+        if (owl_isa_ok(isa)) return isa;
+    return OWL_PORTABLE;
+}
+
+/* ------------------------------------------------------------------ thread pool */
+
+typedef void (*owl_fn)(void *ctx, int part, int nparts);
+typedef struct {
+    owl_fn fn;
+    void *ctx;
+    int nparts;
+    atomic_int pending;
+} owl_job;
+
+typedef struct {
+    _Alignas(64) atomic_uint gen;  /* bumped by the caller for each job; the worker waits for a change */
+    atomic_int sleeping;
+    unsigned start_gen;
+    owl_job *job;
+    int index;
+    pthread_mutex_t mu;
+    pthread_cond_t cv;
+    pthread_t tid;
+} owl_slot;
+
+static owl_slot owl_slots[OWL_MAX_THREADS];
+static int owl_nworkers;            /* workers running in slots 1..owl_nworkers */
+static int owl_default_threads = 1;
+static atomic_long owl_spin_ns = 50000;  /* how long an idle worker polls before it sleeps */
+static pthread_mutex_t owl_call_mu = PTHREAD_MUTEX_INITIALIZER;  /* one kernel call at a time */
+
+static uint64_t owl_now_ns(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
+}
+
+OWL_INLINE void owl_pause(void) {
+#if OWL_X86
+    _mm_pause();
+#else
+    atomic_signal_fence(memory_order_seq_cst);
+#endif
+}
+
+static unsigned owl_wait_job(owl_slot *s, unsigned seen) {
+    unsigned g;
+    const long budget = atomic_load_explicit(&owl_spin_ns, memory_order_relaxed);
+    if (budget > 0) {
+        const uint64_t t0 = owl_now_ns();
+        for (unsigned i = 1;; ++i) {
+            if ((g = atomic_load_explicit(&s->gen, memory_order_acquire)) != seen) return g;
+            owl_pause();
+            if ((i & 63) == 0) {
+                const uint64_t dt = owl_now_ns() - t0;
+                if (dt > (uint64_t)budget) break;
+                if (dt > (uint64_t)budget / 4) sched_yield();  /* let another runnable thread have this core */
+            }
+        }
+    }
+    pthread_mutex_lock(&s->mu);
+    atomic_store(&s->sleeping, 1);  /* seq_cst, pairs with the caller's gen bump then sleeping check */
+    while ((g = atomic_load(&s->gen)) == seen) pthread_cond_wait(&s->cv, &s->mu);
+    atomic_store(&s->sleeping, 0);
+    pthread_mutex_unlock(&s->mu);
+    return g;
+}
+
+static void *owl_worker(void *arg) {
+    owl_slot *s = arg;
+    unsigned seen = s->start_gen;
+    for (;;) {
+        seen = owl_wait_job(s, seen);
+        owl_job *j = s->job;
+        j->fn(j->ctx, s->index, j->nparts);
+        atomic_fetch_sub_explicit(&j->pending, 1, memory_order_release);
+    }
+    return NULL;
+}
+
+/* A forked child has no workers (only the forking thread survives): start afresh. */
+static void owl_pool_atfork_child(void) {
+    owl_nworkers = 0;
+    pthread_mutex_t fresh = PTHREAD_MUTEX_INITIALIZER;
+    owl_call_mu = fresh;
+}
+
+/* Make sure nparts - 1 workers run; returns how many parts can run (fewer if threads cannot be made). */
+static int owl_pool_ensure(int nparts) {
+    if (nparts > OWL_MAX_THREADS) nparts = OWL_MAX_THREADS;
+    if (nparts - 1 <= owl_nworkers) return nparts;
+    sigset_t all, old;
+    sigfillset(&all);
+    pthread_sigmask(SIG_SETMASK, &all, &old);  /* signals stay with the caller's threads */
+    while (owl_nworkers < nparts - 1) {
+        owl_slot *s = &owl_slots[owl_nworkers + 1];
+        s->index = owl_nworkers + 1;
+        s->start_gen = atomic_load(&s->gen);
+        atomic_store(&s->sleeping, 0);
+        pthread_mutex_init(&s->mu, NULL);
+        pthread_cond_init(&s->cv, NULL);
+        pthread_attr_t attr;
+        pthread_attr_init(&attr);
+        pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+        const int rc = pthread_create(&s->tid, &attr, owl_worker, s);
+        pthread_attr_destroy(&attr);
+        if (rc != 0) break;
+        ++owl_nworkers;
+    }
+    pthread_sigmask(SIG_SETMASK, &old, NULL);
+    return owl_nworkers + 1 < nparts ? owl_nworkers + 1 : nparts;
+}
+
+/* Run fn(ctx, p, nparts) for p in [0, nparts): part 0 on the calling thread, the others on workers
+   (owl_pool_ensure(nparts) must have returned nparts). */
+static void owl_run(owl_fn fn, void *ctx, int nparts) {
+    if (nparts <= 1) {
+        fn(ctx, 0, 1);
+        return;
+    }
+    owl_job j;
+    j.fn = fn;
+    j.ctx = ctx;
+    j.nparts = nparts;
+    atomic_init(&j.pending, nparts - 1);
+    for (int i = 1; i < nparts; ++i) {
+        owl_slot *s = &owl_slots[i];
+        s->job = &j;
+        atomic_fetch_add(&s->gen, 1u);
+        if (atomic_load(&s->sleeping)) {
+            pthread_mutex_lock(&s->mu);
+            pthread_cond_signal(&s->cv);
+            pthread_mutex_unlock(&s->mu);
+        }
+    }
+    fn(ctx, 0, nparts);
+    for (unsigned i = 1; atomic_load_explicit(&j.pending, memory_order_acquire) > 0; ++i) {
+        owl_pause();
+        if ((i & 1023) == 0) sched_yield();  /* a worker may have been descheduled */
+    }
+}
+
+OWL_API int owl_set_threads(int n) {
+    pthread_once(&owl_once, owl_init_once);
+    if (n < 1) n = 1;
+    if (n > OWL_MAX_THREADS) n = OWL_MAX_THREADS;
+    pthread_mutex_lock(&owl_call_mu);
+    owl_default_threads = n;
+    pthread_mutex_unlock(&owl_call_mu);
+    return n;
+}
+
+OWL_API int owl_get_threads(void) { return owl_default_threads; }
+OWL_API void owl_set_spin_us(int us) { atomic_store(&owl_spin_ns, us < 0 ? 0 : (long)us * 1000); }
+OWL_API int owl_max_threads(void) { return OWL_MAX_THREADS; }
+
+/* ------------------------------------------------------------------ the matrix */
+
+typedef struct {
+    int64_t abi, n_out, n_in, ng, vdtype, nvals;
+    const uint16_t *mask;
+    const void *vals;
+    const int64_t *rp;
+    const float *bias;
+    int64_t nsplit;                        /* split holds nsplit + 1 row boundaries */
+    int64_t split[OWL_MAX_THREADS + 1];
+} owl_mat;
+
+OWL_API int64_t owl_mat_size(void) { return (int64_t)sizeof(owl_mat); }
+
+/* Bytes a thread reads for rows [0, r): values, mask words and a fixed per-row cost. */
+static int64_t owl_cost(const owl_mat *m, int64_t r) {
+    const int64_t vb = m->vdtype == OWL_F32 ? 4 : 2;
+    return m->rp[r] * vb + r * (m->ng * 2 + 64);
+}
+
+static void owl_make_split(owl_mat *m, int nparts) {
+    if (nparts > m->n_out) nparts = (int)m->n_out;
+    if (nparts < 1) nparts = 1;
+    const int64_t total = owl_cost(m, m->n_out);
+    m->split[0] = 0;
+    for (int p = 1; p < nparts; ++p) {  /* the first row whose prefix cost reaches p / nparts of the total */
+        const int64_t goal = (int64_t)((double)total * p / nparts);
+        int64_t lo = m->split[p - 1], hi = m->n_out;
+        while (lo < hi) {
+            const int64_t mid = lo + (hi - lo) / 2;
+            if (owl_cost(m, mid) < goal) lo = mid + 1; else hi = mid;
+        }
+        m->split[p] = lo;
+    }
+    m->split[nparts] = m->n_out;
+    m->nsplit = nparts;
+}
+
+/* Check everything the kernels rely on (so a malformed matrix is an error, not a wild read). */
+OWL_API int owl_mat_init(owl_mat *m, int64_t n_out, int64_t n_in, int64_t ng, int vdtype, const uint16_t *mask,
+                         const void *vals, int64_t nvals, const int64_t *rp, const float *bias, int threads) {
+    pthread_once(&owl_once, owl_init_once);
+    if (!m || n_out < 1 || n_in < 1 || ng < 1 || ng % 4 || ng * 16 < n_in || ng * 16 - n_in >= 64 || !mask ||
+        !vals || !rp || vdtype < OWL_F32 || vdtype > OWL_F16)
+        return OWL_EARG;
+    if (rp[0] != 0 || nvals < rp[n_out] + OWL_VPAD) return OWL_EARG;
+    for (int64_t r = 0; r < n_out; ++r) {
+        const uint16_t *mk = mask + r * ng;
+        int64_t n = 0;
+        for (int64_t j = 0; j < ng; ++j) n += owl_pc16(mk[j]);
+        if (rp[r + 1] - rp[r] != n) return OWL_EARG;
+        /* padding inputs must be empty: the activations are zero-padded, but a weight there has no column */
+        for (int64_t j = (n_in + 15) / 16; j < ng; ++j) if (mk[j]) return OWL_EARG;
+        if (n_in % 16 && (mk[(n_in - 1) / 16] >> (n_in % 16))) return OWL_EARG;
+    }
+    memset(m, 0, sizeof *m);
+    m->abi = OWL_ABI;
+    m->n_out = n_out;
+    m->n_in = n_in;
+    m->ng = ng;
+    m->vdtype = vdtype;
+    m->nvals = nvals;
+    m->mask = mask;
+    m->vals = vals;
+    m->rp = rp;
+    m->bias = bias;
+    owl_make_split(m, threads < 1 ? 1 : threads > OWL_MAX_THREADS ? OWL_MAX_THREADS : threads);
+    return OWL_OK;
+}
+
+/* ------------------------------------------------------------------ decode: y (n_out) = W x + b */
+
+typedef struct {
+    const owl_mat *m;
+    const float *x;    /* float32, ng * 16 entries, zero-padded */
+    const float *xt;   /* prefill: the transposed super-tile */
+    void *y;
+    int ydtype, isa;
+    int64_t T, t0, ntile, tn_last;  /* prefill: tokens, first token of the super-tile, tiles in it */
+    const void *xin;   /* prefill: the caller's activations */
+    int xdtype;
+} owl_ctx;
+
+OWL_INLINE float owl_finish(const owl_mat *m, int64_t r, float acc) { return m->bias ? acc + m->bias[r] : acc; }
+
+/* portable: walk the set bits of each 64-bit mask word (count trailing zeros, clear lowest), four
+   accumulators in turn so consecutive products do not wait on one another. */
+OWL_INLINE void owlp_mv_t(const owl_mat *m, const float *x, void *y, int ydt, int64_t r0, int64_t r1, int vd) {
+    const int64_t ng = m->ng;
+    for (int64_t r = r0; r < r1; ++r) {
+        const uint16_t *mk = m->mask + r * ng;
+        int64_t k = m->rp[r];
+        float a0 = 0.f, a1 = 0.f, a2 = 0.f, a3 = 0.f;
+        for (int64_t j = 0; j < ng; j += 4) {
+            uint64_t w;
+            memcpy(&w, mk + j, 8);
+            const float *xj = x + 16 * j;
+            while (w) {
+                a0 += owl_load_val(m->vals, k++, vd) * xj[__builtin_ctzll(w)];
+                w &= w - 1;
+                if (!w) break;
+                a1 += owl_load_val(m->vals, k++, vd) * xj[__builtin_ctzll(w)];
+                w &= w - 1;
+                if (!w) break;
+                a2 += owl_load_val(m->vals, k++, vd) * xj[__builtin_ctzll(w)];
+                w &= w - 1;
+                if (!w) break;
+                a3 += owl_load_val(m->vals, k++, vd) * xj[__builtin_ctzll(w)];
+                w &= w - 1;
+            }
+        }
+        owl_store_val(y, r, owl_finish(m, r, (a0 + a1) + (a2 + a3)), ydt);
+    }
+}
+
+static void owlp_mv(const owl_mat *m, const float *x, void *y, int ydt, int64_t r0, int64_t r1) {
+    switch (m->vdtype) {
+    case OWL_F32: owlp_mv_t(m, x, y, ydt, r0, r1, OWL_F32); break;
+    case OWL_BF16: owlp_mv_t(m, x, y, ydt, r0, r1, OWL_BF16); break;
+    default: owlp_mv_t(m, x, y, ydt, r0, r1, OWL_F16); break;
+    }
+}
+
+#if OWL_X86
+/* Decode streams two arrays per row (mask words, values); the hardware prefetcher alone left a single core
+   well below the bandwidth a plain streaming read reaches, so ask for the lines ~2 KiB ahead. */
+#define OWL_PF_BYTES 2048
+OWL_INLINE void owl_prefetch(const void *vals, int64_t off, int vd, const uint16_t *mk) {
+    const char *v = (const char *)vals + off * (vd == OWL_F32 ? 4 : 2);
+    _mm_prefetch(v + OWL_PF_BYTES, _MM_HINT_T0);
+    _mm_prefetch((const char *)mk + 256, _MM_HINT_T0);
+}
+
+#define OWL_T2 __attribute__((target("avx2,fma,f16c,popcnt")))
+#define OWL_T5 __attribute__((target("avx512f,avx512bw,avx512vl,avx2,fma,f16c,popcnt")))
+
+/* AVX2: no expand instruction. Each byte of mask selects a row of owl_lut_expand: lane i takes value slot
+   idx[i] (vpermps) or, where the sign bit is set, zero. */
+OWL_T2 OWL_INLINE __m256 owl2_load8(const void *v, int64_t off, int vd) {
+    if (vd == OWL_F32) return _mm256_loadu_ps((const float *)v + off);
+    const __m128i h = _mm_loadu_si128((const __m128i *)((const uint16_t *)v + off));
+    if (vd == OWL_BF16) return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+    return _mm256_cvtph_ps(h);
+}
+
+OWL_T2 OWL_INLINE __m256 owl2_expand(const void *v, int64_t off, unsigned byte, int vd) {
+    const __m256i idx = _mm256_load_si256((const __m256i *)owl_lut_expand[byte]);
+    const __m256 e = _mm256_permutevar8x32_ps(owl2_load8(v, off, vd), idx);
+    return _mm256_andnot_ps(_mm256_castsi256_ps(_mm256_srai_epi32(idx, 31)), e);
+}
+
+OWL_T2 OWL_INLINE float owl2_hsum(__m256 a) {
+    const __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+    const __m128 t = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    return _mm_cvtss_f32(_mm_add_ss(t, _mm_shuffle_ps(t, t, 1)));
+}
+
+OWL_T2 OWL_INLINE void owl2_mv_t(const owl_mat *m, const float *x, void *y, int ydt, int64_t r0, int64_t r1, int vd) {
+    const int64_t ng = m->ng;
+    for (int64_t r = r0; r < r1; ++r) {
+        const uint16_t *mk = m->mask + r * ng;
+        int64_t off = m->rp[r];
+        __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+        for (int64_t j = 0; j < ng; j += 4) {
+            uint64_t w;
+            memcpy(&w, mk + j, 8);
+            owl_prefetch(m->vals, off, vd, mk + j);
+            /* offsets of the 8 bytes' first values: popcounts of the lower bytes, independent of each other */
+            const int64_t o1 = _mm_popcnt_u64(w & 0xffull), o2 = _mm_popcnt_u64(w & 0xffffull);
+            const int64_t o3 = _mm_popcnt_u64(w & 0xffffffull), o4 = _mm_popcnt_u64(w & 0xffffffffull);
+            const int64_t o5 = _mm_popcnt_u64(w & 0xffffffffffull), o6 = _mm_popcnt_u64(w & 0xffffffffffffull);
+            const int64_t o7 = _mm_popcnt_u64(w & 0xffffffffffffffull), o8 = _mm_popcnt_u64(w);
+            const float *xj = x + 16 * j;
+            a0 = _mm256_fmadd_ps(owl2_expand(m->vals, off, w & 0xff, vd), _mm256_loadu_ps(xj), a0);
+            a1 = _mm256_fmadd_ps(owl2_expand(m->vals, off + o1, (w >> 8) & 0xff, vd), _mm256_loadu_ps(xj + 8), a1);
+            a2 = _mm256_fmadd_ps(owl2_expand(m->vals, off + o2, (w >> 16) & 0xff, vd), _mm256_loadu_ps(xj + 16), a2);
+            a3 = _mm256_fmadd_ps(owl2_expand(m->vals, off + o3, (w >> 24) & 0xff, vd), _mm256_loadu_ps(xj + 24), a3);
+            a0 = _mm256_fmadd_ps(owl2_expand(m->vals, off + o4, (w >> 32) & 0xff, vd), _mm256_loadu_ps(xj + 32), a0);
+            a1 = _mm256_fmadd_ps(owl2_expand(m->vals, off + o5, (w >> 40) & 0xff, vd), _mm256_loadu_ps(xj + 40), a1);
+            a2 = _mm256_fmadd_ps(owl2_expand(m->vals, off + o6, (w >> 48) & 0xff, vd), _mm256_loadu_ps(xj + 48), a2);
+            a3 = _mm256_fmadd_ps(owl2_expand(m->vals, off + o7, (w >> 56) & 0xff, vd), _mm256_loadu_ps(xj + 56), a3);
+            off += o8;
+        }
+        const float s = owl2_hsum(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
+        owl_store_val(y, r, owl_finish(m, r, s), ydt);
+    }
+}
+
+OWL_T2 static void owl2_mv(const owl_mat *m, const float *x, void *y, int ydt, int64_t r0, int64_t r1) {
+    switch (m->vdtype) {
+    case OWL_F32: owl2_mv_t(m, x, y, ydt, r0, r1, OWL_F32); break;
+    case OWL_BF16: owl2_mv_t(m, x, y, ydt, r0, r1, OWL_BF16); break;
+    default: owl2_mv_t(m, x, y, ydt, r0, r1, OWL_F16); break;
+    }
+}
+
+/* AVX-512: one 64-bit load gives 4 mask words; their value offsets are popcounts of its low 16/32/48 bits. */
+OWL_T5 OWL_INLINE __m512 owl5_load16(const void *v, int64_t off, int vd) {
+    if (vd == OWL_F32) return _mm512_loadu_ps((const float *)v + off);
+    const __m256i h = _mm256_loadu_si256((const __m256i *)((const uint16_t *)v + off));
+    if (vd == OWL_BF16) return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+    return _mm512_cvtph_ps(h);
+}
+
+OWL_T5 OWL_INLINE void owl5_mv_t(const owl_mat *m, const float *x, void *y, int ydt, int64_t r0, int64_t r1, int vd) {
+    const int64_t ng = m->ng;
+    for (int64_t r = r0; r < r1; ++r) {
+        const uint16_t *mk = m->mask + r * ng;
+        int64_t off = m->rp[r];
+        __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+        for (int64_t j = 0; j < ng; j += 4) {
+            uint64_t w;
+            memcpy(&w, mk + j, 8);
+            owl_prefetch(m->vals, off, vd, mk + j);
+            const int64_t o1 = _mm_popcnt_u64(w & 0xffffull), o2 = _mm_popcnt_u64(w & 0xffffffffull);
+            const int64_t o3 = _mm_popcnt_u64(w & 0xffffffffffffull), o4 = _mm_popcnt_u64(w);
+            /* masks from shifted copies in general registers: kmov from a GPR is one port-5 uop, a
+               k-register shift another, and port 5 also runs every expand */
+            const __mmask16 k0 = _cvtu32_mask16((unsigned)w & 0xffffu);
+            const __mmask16 k1 = _cvtu32_mask16((unsigned)(w >> 16) & 0xffffu);
+            const __mmask16 k2 = _cvtu32_mask16((unsigned)(w >> 32) & 0xffffu);
+            const __mmask16 k3 = _cvtu32_mask16((unsigned)(w >> 48));
+            const float *xj = x + 16 * j;
+            a0 = _mm512_fmadd_ps(_mm512_maskz_expand_ps(k0, owl5_load16(m->vals, off, vd)), _mm512_loadu_ps(xj), a0);
+            a1 = _mm512_fmadd_ps(_mm512_maskz_expand_ps(k1, owl5_load16(m->vals, off + o1, vd)),
+                                 _mm512_loadu_ps(xj + 16), a1);
+            a2 = _mm512_fmadd_ps(_mm512_maskz_expand_ps(k2, owl5_load16(m->vals, off + o2, vd)),
+                                 _mm512_loadu_ps(xj + 32), a2);
+            a3 = _mm512_fmadd_ps(_mm512_maskz_expand_ps(k3, owl5_load16(m->vals, off + o3, vd)),
+                                 _mm512_loadu_ps(xj + 48), a3);
+            off += o4;
+        }
+        const float s = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
+        owl_store_val(y, r, owl_finish(m, r, s), ydt);
+    }
+}
+
+OWL_T5 static void owl5_mv(const owl_mat *m, const float *x, void *y, int ydt, int64_t r0, int64_t r1) {
+    switch (m->vdtype) {
+    case OWL_F32: owl5_mv_t(m, x, y, ydt, r0, r1, OWL_F32); break;
+    case OWL_BF16: owl5_mv_t(m, x, y, ydt, r0, r1, OWL_BF16); break;
+    default: owl5_mv_t(m, x, y, ydt, r0, r1, OWL_F16); break;
+    }
+}
+
+/* AVX-512 + VBMI2, 16-bit values: vpexpandw places 32 values (two mask words) in one instruction, half the
+   expands of the float32 route. bfloat16 then needs no shuffle at all: the low halves of the 32-bit lanes
+   (even inputs) become floats by a left shift, the high halves (odd inputs) by masking, so x is laid out
+   even/odd per 32 inputs (owl_x_evenodd). float16 converts each 256-bit half in input order. */
+#define OWL_T5V __attribute__((target("avx512f,avx512bw,avx512vl,avx512vbmi2,avx2,fma,f16c,popcnt")))
+
+OWL_T5V OWL_INLINE void owl5v_mv_t(const owl_mat *m, const float *x, void *y, int ydt, int64_t r0, int64_t r1,
+                                   int vd) {
+    const int64_t ng = m->ng;
+    const uint16_t *vals = m->vals;
+    const __m512i hi16 = _mm512_set1_epi32((int)0xffff0000u);
+    for (int64_t r = r0; r < r1; ++r) {
+        const uint16_t *mk = m->mask + r * ng;
+        int64_t off = m->rp[r];
+        __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+        for (int64_t j = 0; j < ng; j += 4) {
+            uint64_t w;
+            memcpy(&w, mk + j, 8);
+            owl_prefetch(vals, off, vd, mk + j);
+            const int64_t o2 = _mm_popcnt_u64(w & 0xffffffffull), o4 = _mm_popcnt_u64(w);
+            const __m512i e0 = _mm512_maskz_expand_epi16(_cvtu32_mask32((unsigned)w),
+                                                         _mm512_loadu_si512((const void *)(vals + off)));
+            const __m512i e1 = _mm512_maskz_expand_epi16(_cvtu32_mask32((unsigned)(w >> 32)),
+                                                         _mm512_loadu_si512((const void *)(vals + off + o2)));
+            const float *xj = x + 16 * j;
+            __m512 w0, w1, w2, w3;
+            if (vd == OWL_BF16) {
+                w0 = _mm512_castsi512_ps(_mm512_slli_epi32(e0, 16));
+                w1 = _mm512_castsi512_ps(_mm512_and_si512(e0, hi16));
+                w2 = _mm512_castsi512_ps(_mm512_slli_epi32(e1, 16));
+                w3 = _mm512_castsi512_ps(_mm512_and_si512(e1, hi16));
+            } else {
+                w0 = _mm512_cvtph_ps(_mm512_castsi512_si256(e0));
+                w1 = _mm512_cvtph_ps(_mm512_extracti64x4_epi64(e0, 1));
+                w2 = _mm512_cvtph_ps(_mm512_castsi512_si256(e1));
+                w3 = _mm512_cvtph_ps(_mm512_extracti64x4_epi64(e1, 1));
+            }
+            a0 = _mm512_fmadd_ps(w0, _mm512_loadu_ps(xj), a0);
+            a1 = _mm512_fmadd_ps(w1, _mm512_loadu_ps(xj + 16), a1);
+            a2 = _mm512_fmadd_ps(w2, _mm512_loadu_ps(xj + 32), a2);
+            a3 = _mm512_fmadd_ps(w3, _mm512_loadu_ps(xj + 48), a3);
+            off += o4;
+        }
+        const float s = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
+        owl_store_val(y, r, owl_finish(m, r, s), ydt);
+    }
+}
+
+OWL_T5V static void owl5v_mv(const owl_mat *m, const float *x, void *y, int ydt, int64_t r0, int64_t r1) {
+    if (m->vdtype == OWL_BF16) owl5v_mv_t(m, x, y, ydt, r0, r1, OWL_BF16);
+    else owl5v_mv_t(m, x, y, ydt, r0, r1, OWL_F16);
+}
+#endif
+
+/* x (npad floats) reordered for owl5v_mv with bfloat16 values: per 32 inputs, the 16 even then the 16 odd. */
+static void owl_x_evenodd(float *dst, const float *src, int64_t npad) {
+    for (int64_t b = 0; b < npad; b += 32)
+        for (int i = 0; i < 16; ++i) {
+            dst[b + i] = src[b + 2 * i];
+            dst[b + 16 + i] = src[b + 2 * i + 1];
+        }
+}
+
+static void owl_mv_part(void *arg, int p, int nparts) {
+    const owl_ctx *c = arg;
+    const owl_mat *m = c->m;
+    (void)nparts;
+    const int64_t r0 = m->split[p], r1 = m->split[p + 1];
+#if OWL_X86
+    if (c->isa == OWL_AVX512V && m->vdtype != OWL_F32) { owl5v_mv(m, c->x, c->y, c->ydtype, r0, r1); return; }
+    if (c->isa >= OWL_AVX512) { owl5_mv(m, c->x, c->y, c->ydtype, r0, r1); return; }
+    if (c->isa == OWL_AVX2) { owl2_mv(m, c->x, c->y, c->ydtype, r0, r1); return; }
+#endif
+    owlp_mv(m, c->x, c->y, c->ydtype, r0, r1);
+}
+
+/* ------------------------------------------------------------------ several tokens: Y (T, n_out) = X W^T + b */
+
+/* 16 floats; compiled as one zmm, two ymm or four xmm by the caller's target. */
+typedef float owl_v16 __attribute__((vector_size(64)));
+
+OWL_INLINE owl_v16 owl_v16_load(const float *p) { owl_v16 v; memcpy(&v, p, sizeof v); return v; }
+OWL_INLINE void owl_v16_store(float *p, owl_v16 v) { memcpy(p, &v, sizeof v); }
+
+/* Columns (times the tile stride) of the nonzeros in kw mask words, written to cols; returns the count.
+   cols needs 16 entries of slack: each word stores a full vector. */
+OWL_INLINE int owlp_cols(const uint16_t *mk, int kw, int stride, int32_t *cols) {
+    int n = 0;
+    for (int j = 0; j < kw; ++j) {
+        for (int h = 0; h < 2; ++h) {
+            const unsigned b = (mk[j] >> (8 * h)) & 0xff;
+            const int32_t base = 16 * j + 8 * h;
+            for (int i = 0; i < 8; ++i) cols[n + i] = (base + owl_lut_pos[b][i]) * stride;
+            n += owl_lut_pc[b];
+        }
+    }
+    return n;
+}
+
+#if OWL_X86
+OWL_T2 OWL_INLINE int owl2_cols(const uint16_t *mk, int kw, int stride, int32_t *cols) {
+    int n = 0;
+    const __m256i st = _mm256_set1_epi32(stride);
+    for (int j = 0; j < kw; ++j) {
+        for (int h = 0; h < 2; ++h) {
+            const unsigned b = (mk[j] >> (8 * h)) & 0xff;
+            __m256i pos = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)owl_lut_pos[b]));
+            pos = _mm256_mullo_epi32(_mm256_add_epi32(pos, _mm256_set1_epi32(16 * j + 8 * h)), st);
+            _mm256_storeu_si256((__m256i *)(cols + n), pos);
+            n += owl_lut_pc[b];
+        }
+    }
+    return n;
+}
+
+OWL_T5 OWL_INLINE int owl5_cols(const uint16_t *mk, int kw, int stride, int32_t *cols) {
+    int n = 0;
+    const __m512i lane = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                            _mm512_set1_epi32(stride));
+    const __m512i step = _mm512_set1_epi32(16 * stride);
+    __m512i idx = lane;
+    for (int j = 0; j < kw; ++j) {
+        const __mmask16 k = mk[j];
+        _mm512_storeu_si512((void *)(cols + n), _mm512_maskz_compress_epi32(k, idx));
+        n += (int)_mm_popcnt_u32(k);
+        idx = _mm512_add_epi32(idx, step);
+    }
+    return n;
+}
+#endif
+
+/* The n values from off as float32: the stored array itself for float32, else converted into buf (the
+   vector variants read up to 15 values past the row: inside the padding). */
+OWL_INLINE const float *owlp_vals(const owl_mat *m, int64_t off, int n, float *buf, int vd) {
+    if (vd == OWL_F32) return (const float *)m->vals + off;
+    const uint16_t *h = (const uint16_t *)m->vals + off;
+    if (vd == OWL_BF16)
+        for (int i = 0; i < n; ++i) buf[i] = owl_bf16_f32(h[i]);
+    else
+        for (int i = 0; i < n; ++i) buf[i] = owl_f16_f32(h[i]);
+    return buf;
+}
+
+#if OWL_X86
+OWL_T5 OWL_INLINE const float *owl5_vals(const owl_mat *m, int64_t off, int n, float *buf, int vd) {
+    if (vd == OWL_F32) return (const float *)m->vals + off;
+    if (vd == OWL_BF16)
+        for (int i = 0; i < n; i += 16) _mm512_storeu_ps(buf + i, owl5_load16(m->vals, off + i, OWL_BF16));
+    else
+        for (int i = 0; i < n; i += 16) _mm512_storeu_ps(buf + i, owl5_load16(m->vals, off + i, OWL_F16));
+    return buf;
+}
+
+OWL_T2 OWL_INLINE const float *owl2_vals(const owl_mat *m, int64_t off, int n, float *buf, int vd) {
+    if (vd == OWL_F32) return (const float *)m->vals + off;
+    if (vd == OWL_BF16)
+        for (int i = 0; i < n; i += 8) _mm256_storeu_ps(buf + i, owl2_load8(m->vals, off + i, OWL_BF16));
+    else
+        for (int i = 0; i < n; i += 8) _mm256_storeu_ps(buf + i, owl2_load8(m->vals, off + i, OWL_F16));
+    return buf;
+}
+#endif
+
+/* yb (nv vectors of 16 tokens) += sum_i w[i] * xc[cols[i] + 16 v]; nv is a constant after inlining.
+   Consecutive nonzeros go to different accumulator sets (8 / 4 / 2 sets for 1 / 2 / 3-4 vectors), so at
+   least 8 independent FMA chains hide the FMA latency; the sets are summed in a fixed order. */
+OWL_INLINE void owl_fma_row(float *yb, const float *xc, const int32_t *cols, const float *w, int n, int nv) {
+    const int sets = nv == 1 ? 8 : nv == 2 ? 4 : 2;
+    owl_v16 acc[8][4];
+    for (int s = 0; s < sets; ++s)
+        for (int v = 0; v < nv; ++v) acc[s][v] = (owl_v16){0};
+    int i = 0;
+    for (; i + sets <= n; i += sets)
+        for (int s = 0; s < sets; ++s) {
+            const float ws = w[i + s];
+            const float *xp = xc + cols[i + s];
+            for (int v = 0; v < nv; ++v) acc[s][v] += ws * owl_v16_load(xp + 16 * v);
+        }
+    for (; i < n; ++i) {
+        const float ws = w[i];
+        const float *xp = xc + cols[i];
+        for (int v = 0; v < nv; ++v) acc[0][v] += ws * owl_v16_load(xp + 16 * v);
+    }
+    for (int step = 1; step < sets; step *= 2)  /* pairwise: (0+1) + (2+3) ... */
+        for (int s = 0; s + step < sets; s += 2 * step)
+            for (int v = 0; v < nv; ++v) acc[s][v] += acc[s + step][v];
+    for (int v = 0; v < nv; ++v) owl_v16_store(yb + 16 * v, owl_v16_load(yb + 16 * v) + acc[0][v]);
+}
+
+/* Write a row block's tile results (yb: row-major, stride floats per row) to y (token-major). */
+OWL_INLINE void owl_mm_store(const owl_mat *m, const float *yb, int64_t r0, int64_t nr, void *y, int ydt, int64_t t0,
+                             int64_t tn, int stride) {
+    for (int64_t u = 0; u < tn; ++u)
+        for (int64_t i = 0; i < nr; ++i)
+            owl_store_val(y, (t0 + u) * m->n_out + r0 + i, owl_finish(m, r0 + i, yb[i * stride + u]), ydt);
+}
+
+/* The several-token kernel, instantiated once per ISA (P: name prefix, ATTR: target attribute, COLS/VALS:
+   that ISA's column decoder and value converter; the FMA loop is the generic vector code compiled for ATTR).
+   P##_mm_block: one row block [r0, r1) against one tile of tn tokens, nv = ceil(tn / 16) vectors, 16 nv
+   floats per input in xt. Rows of the block are applied chunk by chunk (OWL_KC words = 128 inputs), so
+   the chunk of xt stays in L1; each row's running value offset is kept in off[]. */
+#define OWL_DEFINE_MM(P, ATTR, COLS, VALS)                                                                        \
+    ATTR OWL_INLINE void P##_mm_block(const owl_mat *m, const float *xt, int64_t r0, int64_t r1, void *y, int ydt, \
+                                      int64_t t0, int64_t tn, int nv, int vd) {                                   \
+        float yb[OWL_RB * OWL_TT] __attribute__((aligned(64)));                                                  \
+        int32_t cols[OWL_KCMAX * 16 + 16] __attribute__((aligned(64)));                                          \
+        float vbuf[OWL_KCMAX * 16 + 16] __attribute__((aligned(64)));                                            \
+        int64_t off[OWL_RB];                                                                                      \
+        const int stride = 16 * nv;                                                                               \
+        const int64_t ng = m->ng, nr = r1 - r0;                                                                   \
+        for (int64_t i = 0; i < nr; ++i) off[i] = m->rp[r0 + i];                                                  \
+        memset(yb, 0, sizeof(float) * (size_t)(nr * stride));                                                     \
+        const int64_t kc = OWL_KCMAX / (nv == 3 ? 4 : nv);                                                        \
+        for (int64_t k0 = 0; k0 < ng; k0 += kc) {                                                                 \
+            const int kw = (int)(ng - k0 < kc ? ng - k0 : kc);                                                    \
+            const float *xc = xt + k0 * 16 * stride;                                                              \
+            for (int64_t i = 0; i < nr; ++i) {                                                                    \
+                const int n = COLS(m->mask + (r0 + i) * ng + k0, kw, stride, cols);                               \
+                const float *w = VALS(m, off[i], n, vbuf, vd);                                                    \
+                off[i] += n;                                                                                      \
+                owl_fma_row(yb + i * stride, xc, cols, w, n, nv);                                                 \
+            }                                                                                                     \
+        }                                                                                                         \
+        owl_mm_store(m, yb, r0, nr, y, ydt, t0, tn, stride);                                                      \
+    }                                                                                                             \
+    ATTR OWL_INLINE void P##_mm_rows_t(const owl_ctx *c, int64_t r0, int64_t r1, int vd) {                       \
+        const owl_mat *m = c->m;                                                                                  \
+        const int64_t tile_floats = m->ng * 16 * OWL_TT;                                                          \
+        for (int64_t b = r0; b < r1; b += OWL_RB) {                                                               \
+            const int64_t b1 = b + OWL_RB < r1 ? b + OWL_RB : r1;                                                 \
+            for (int64_t t = 0; t < c->ntile; ++t) {                                                              \
+                const int64_t tn = t + 1 < c->ntile ? OWL_TT : c->tn_last;                                        \
+                const float *xt = c->xt + t * tile_floats;                                                        \
+                const int64_t t0 = c->t0 + t * OWL_TT;                                                            \
+                switch ((tn + 15) / 16) {                                                                         \
+                case 1: P##_mm_block(m, xt, b, b1, c->y, c->ydtype, t0, tn, 1, vd); break;                        \
+                case 2: P##_mm_block(m, xt, b, b1, c->y, c->ydtype, t0, tn, 2, vd); break;                        \
+                case 3: P##_mm_block(m, xt, b, b1, c->y, c->ydtype, t0, tn, 3, vd); break;                        \
+                default: P##_mm_block(m, xt, b, b1, c->y, c->ydtype, t0, tn, 4, vd); break;                       \
+                }                                                                                                 \
+            }                                                                                                     \
+        }                                                                                                         \
+    }                                                                                                             \
+    /* the value dtype stays a run-time argument: it only matters once per row chunk (VALS) */                 \
+    ATTR static void P##_mm_rows(const owl_ctx *c, int64_t r0, int64_t r1) { P##_mm_rows_t(c, r0, r1, (int)c->m->vdtype); }
+
+OWL_DEFINE_MM(owlp, , owlp_cols, owlp_vals)
+#if OWL_X86
+OWL_DEFINE_MM(owl2, OWL_T2, owl2_cols, owl2_vals)
+OWL_DEFINE_MM(owl5, OWL_T5, owl5_cols, owl5_vals)
+#endif
+
+static void owl_mm_part(void *arg, int p, int nparts) {
+    const owl_ctx *c = arg;
+    (void)nparts;
+    const int64_t r0 = c->m->split[p], r1 = c->m->split[p + 1];
+#if OWL_X86
+    if (c->isa >= OWL_AVX512) { owl5_mm_rows(c, r0, r1); return; }  /* VBMI2 adds nothing here */
+    if (c->isa == OWL_AVX2) { owl2_mm_rows(c, r0, r1); return; }
+#endif
+    owlp_mm_rows(c, r0, r1);
+}
+
+/* Transpose and convert the super-tile's tokens into xt: tile t, input i, token u at
+   xt[t * tile_floats + i * stride + u] (stride = 16 x vectors of that tile); zeros past n_in and past the
+   last token. Parts take interleaved (tile, block of 64 inputs) pieces. */
+static void owl_transpose_part(void *arg, int p, int nparts) {
+    const owl_ctx *c = arg;
+    const owl_mat *m = c->m;
+    const int64_t n_in = m->n_in, npad = m->ng * 16, tile_floats = npad * OWL_TT, nblk = npad / 64;
+    for (int64_t piece = p; piece < c->ntile * nblk; piece += nparts) {
+        const int64_t t = piece / nblk, i0 = (piece % nblk) * 64;
+        const int64_t tn = t + 1 < c->ntile ? OWL_TT : c->tn_last;
+        const int64_t stride = 16 * ((tn + 15) / 16);
+        float *dst = (float *)c->xt + t * tile_floats;
+        const int64_t tok0 = c->t0 + t * OWL_TT;
+        for (int64_t i = i0; i < i0 + 64; ++i)
+            for (int64_t u = tn; u < stride; ++u) dst[i * stride + u] = 0.f;
+        for (int64_t u = 0; u < tn; ++u) {
+            const int64_t row = (tok0 + u) * n_in;
+            for (int64_t i = i0; i < i0 + 64; ++i)
+                dst[i * stride + u] = i < n_in ? owl_load_val(c->xin, row + i, c->xdtype) : 0.f;
+        }
+    }
+}
+
+/* ------------------------------------------------------------------ scratch and the entry point */
+
+static float *owl_scratch;
+static size_t owl_scratch_bytes;
+
+static float *owl_scratch_get(size_t bytes) {
+    if (bytes > owl_scratch_bytes) {
+        free(owl_scratch);
+        owl_scratch = NULL;
+        owl_scratch_bytes = 0;
+        void *p = NULL;
+        if (posix_memalign(&p, 64, bytes)) return NULL;
+        owl_scratch = p;
+        owl_scratch_bytes = bytes;
+    }
+    return owl_scratch;
+}
+
+/* Free the activation scratch (it grows to the largest super-tile seen: 256 tokens x inputs x 4 bytes). */
+OWL_API void owl_release_scratch(void) {
+    pthread_mutex_lock(&owl_call_mu);
+    free(owl_scratch);
+    owl_scratch = NULL;
+    owl_scratch_bytes = 0;
+    pthread_mutex_unlock(&owl_call_mu);
+}
+
+/* y (T, n_out) in ydtype = x (T, n_in) in xdtype times W^T plus bias. threads 0: the default (owl_set_threads);
+   isa -1: the best the CPU has. Returns OWL_OK or a negative error code. */
+OWL_API int owl_linear(owl_mat *m, const void *x, void *y, int64_t T, int xdtype, int ydtype, int threads, int isa) {
+    if (!m || m->abi != OWL_ABI || !x || !y || T < 1 || xdtype < OWL_F32 || xdtype > OWL_F16 || ydtype < OWL_F32 ||
+        ydtype > OWL_F16)
+        return OWL_EARG;
+    pthread_once(&owl_once, owl_init_once);
+    if (isa < 0) isa = owl_isa_best();
+    if (!owl_isa_ok(isa)) return OWL_EISA;
+    pthread_mutex_lock(&owl_call_mu);
+    int nparts = threads > 0 ? threads : owl_default_threads;
+    if (nparts > OWL_MAX_THREADS) nparts = OWL_MAX_THREADS;
+    if (nparts > m->n_out) nparts = (int)m->n_out;
+    if (nparts < 1) nparts = 1;
+    nparts = owl_pool_ensure(nparts);  /* fewer if the system refuses threads: the split follows */
+    if (m->nsplit != nparts) owl_make_split(m, nparts);
+    owl_ctx c;
+    memset(&c, 0, sizeof c);
+    c.m = m;
+    c.y = y;
+    c.ydtype = ydtype;
+    c.isa = isa;
+    c.T = T;
+    int rc = OWL_OK;
+    const int64_t npad = m->ng * 16;
+    if (T == 1) {
+        float *xs = owl_scratch_get((size_t)npad * 2 * sizeof(float));
+        if (!xs) { rc = OWL_ENOMEM; goto out; }
+        for (int64_t i = 0; i < m->n_in; ++i) xs[i] = owl_load_val(x, i, xdtype);
+        for (int64_t i = m->n_in; i < npad; ++i) xs[i] = 0.f;
+        if (isa == OWL_AVX512V && m->vdtype == OWL_BF16) {
+            owl_x_evenodd(xs + npad, xs, npad);
+            xs += npad;
+        }
+        c.x = xs;
+        owl_run(owl_mv_part, &c, nparts);
+    } else {
+        const int64_t st_tokens = (int64_t)OWL_TT * OWL_ST;
+        const int64_t first = T < st_tokens ? T : st_tokens;
+        float *xt = owl_scratch_get((size_t)((first + OWL_TT - 1) / OWL_TT) * npad * OWL_TT * sizeof(float));
+        if (!xt) { rc = OWL_ENOMEM; goto out; }
+        c.xt = xt;
+        c.xin = x;
+        c.xdtype = xdtype;
+        for (int64_t t0 = 0; t0 < T; t0 += st_tokens) {
+            const int64_t n = T - t0 < st_tokens ? T - t0 : st_tokens;
+            c.t0 = t0;
+            c.ntile = (n + OWL_TT - 1) / OWL_TT;
+            c.tn_last = n - (c.ntile - 1) * OWL_TT;
+            int tparts = nparts;
+            if (tparts > c.ntile * (npad / 64)) tparts = (int)(c.ntile * (npad / 64));
+            owl_run(owl_transpose_part, &c, tparts);
+            owl_run(owl_mm_part, &c, nparts);
+        }
+    }
+out:
+    pthread_mutex_unlock(&owl_call_mu);
+    return rc;
+}
+
+/* ------------------------------------------------------------------ densify */
+
+/* W back to dense (n_out, n_in) in the stored dtype: for many tokens with 16-bit values a dense GEMM that
+   uses the CPU's bf16/fp16 dot-product units (through torch) beats any FMA-based sparse loop, so
+   linear.py densifies into a scratch matrix and calls it. */
+typedef struct { const owl_mat *m; void *out; } owl_dense_ctx;
+
+#if OWL_X86
+/* One expand and one full store per mask word (two words per vpexpandw for 16-bit values). The row's
+   padding inputs (past n_in) are written to a row-sized stack buffer, not past the caller's row. */
+OWL_T5V static void owl5v_densify_rows(const owl_mat *m, void *out, int64_t r0, int64_t r1) {
+    const int vb = m->vdtype == OWL_F32 ? 4 : 2;
+    const int64_t row_bytes = m->n_in * vb, full = m->n_in / 32;  /* whole 32-input blocks */
+    for (int64_t r = r0; r < r1; ++r) {
+        const uint16_t *mk = m->mask + r * m->ng;
+        char *dst = (char *)out + r * row_bytes;
+        int64_t off = m->rp[r];
+        char tail[128] __attribute__((aligned(64)));
+        for (int64_t b = 0; b < m->ng / 2; ++b) {
+            uint32_t w;
+            memcpy(&w, mk + 2 * b, 4);
+            char *d = b < full ? dst + b * 32 * vb : tail;
+            if (vb == 2) {
+                const __m512i v = _mm512_loadu_si512((const void *)((const uint16_t *)m->vals + off));
+                _mm512_storeu_si512((void *)d, _mm512_maskz_expand_epi16(_cvtu32_mask32(w), v));
+            } else {
+                const float *v = (const float *)m->vals + off;
+                const __mmask16 k0 = _cvtu32_mask16(w & 0xffffu), k1 = _cvtu32_mask16(w >> 16);
+                _mm512_storeu_ps((float *)d, _mm512_maskz_expand_ps(k0, _mm512_loadu_ps(v)));
+                _mm512_storeu_ps((float *)d + 16, _mm512_maskz_expand_ps(k1, _mm512_loadu_ps(v + _mm_popcnt_u32(w & 0xffffu))));
+            }
+            if (b >= full) {
+                const int64_t start = b * 32, n = m->n_in - start < 32 ? m->n_in - start : 32;
+                if (n > 0) memcpy(dst + start * vb, tail, (size_t)(n * vb));
+            }
+            off += _mm_popcnt_u32(w);
+        }
+    }
+}
+#endif
+
+static void owl_densify_part(void *arg, int p, int nparts) {
+    const owl_dense_ctx *c = arg;
+    const owl_mat *m = c->m;
+    (void)nparts;
+#if OWL_X86
+    if (owl_isa_ok(OWL_AVX512V)) {
+        owl5v_densify_rows(m, c->out, m->split[p], m->split[p + 1]);
+        return;
+    }
+#endif
+    const int vb = m->vdtype == OWL_F32 ? 4 : 2;
+    for (int64_t r = m->split[p]; r < m->split[p + 1]; ++r) {
+        const uint16_t *mk = m->mask + r * m->ng;
+        char *dst = (char *)c->out + r * m->n_in * vb;
+        const char *src = (const char *)m->vals + m->rp[r] * vb;
+        memset(dst, 0, (size_t)(m->n_in * vb));
+        for (int64_t j = 0; j < m->ng; ++j)
+            for (unsigned w = mk[j]; w; w &= w - 1) {
+                memcpy(dst + (16 * j + __builtin_ctz(w)) * vb, src, (size_t)vb);
+                src += vb;
+            }
+    }
+}
+
+OWL_API int owl_densify(owl_mat *m, void *out, int threads) {
+    if (!m || m->abi != OWL_ABI || !out) return OWL_EARG;
+    pthread_once(&owl_once, owl_init_once);
+    pthread_mutex_lock(&owl_call_mu);
+    int nparts = threads > 0 ? threads : owl_default_threads;
+    if (nparts > m->n_out) nparts = (int)m->n_out;
+    nparts = owl_pool_ensure(nparts < 1 ? 1 : nparts);
+    if (m->nsplit != nparts) owl_make_split(m, nparts);
+    owl_dense_ctx c = {m, out};
+    owl_run(owl_densify_part, &c, nparts);
+    pthread_mutex_unlock(&owl_call_mu);
+    return OWL_OK;
+}
+
+/* ------------------------------------------------------------------ read-bandwidth probe */
+
+typedef struct {
+    const unsigned char *buf;
+    int64_t bytes;
+    int isa;
+    uint64_t sink[OWL_MAX_THREADS];
+} owl_probe;
+
+static uint64_t owlp_read(const unsigned char *p, int64_t n) {
+    uint64_t a0 = 0, a1 = 0, a2 = 0, a3 = 0;
+    for (int64_t i = 0; i + 32 <= n; i += 32) {
+        uint64_t w[4];
+        memcpy(w, p + i, 32);
+        a0 ^= w[0]; a1 ^= w[1]; a2 ^= w[2]; a3 ^= w[3];
+    }
+    return a0 ^ a1 ^ a2 ^ a3;
+}
+
+#if OWL_X86
+OWL_T2 static uint64_t owl2_read(const unsigned char *p, int64_t n) {
+    __m256i a0 = _mm256_setzero_si256(), a1 = a0, a2 = a0, a3 = a0;
+    for (int64_t i = 0; i + 128 <= n; i += 128) {
+        a0 = _mm256_xor_si256(a0, _mm256_loadu_si256((const __m256i *)(p + i)));
+        a1 = _mm256_xor_si256(a1, _mm256_loadu_si256((const __m256i *)(p + i + 32)));
+        a2 = _mm256_xor_si256(a2, _mm256_loadu_si256((const __m256i *)(p + i + 64)));
+        a3 = _mm256_xor_si256(a3, _mm256_loadu_si256((const __m256i *)(p + i + 96)));
+    }
+    const __m256i a = _mm256_xor_si256(_mm256_xor_si256(a0, a1), _mm256_xor_si256(a2, a3));
+    return (uint64_t)_mm256_extract_epi64(a, 0) ^ (uint64_t)_mm256_extract_epi64(a, 3);
+}
+
+OWL_T5 static uint64_t owl5_read(const unsigned char *p, int64_t n) {
+    __m512i a0 = _mm512_setzero_si512(), a1 = a0, a2 = a0, a3 = a0;
+    for (int64_t i = 0; i + 256 <= n; i += 256) {
+        a0 = _mm512_xor_si512(a0, _mm512_loadu_si512((const void *)(p + i)));
+        a1 = _mm512_xor_si512(a1, _mm512_loadu_si512((const void *)(p + i + 64)));
+        a2 = _mm512_xor_si512(a2, _mm512_loadu_si512((const void *)(p + i + 128)));
+        a3 = _mm512_xor_si512(a3, _mm512_loadu_si512((const void *)(p + i + 192)));
+    }
+    return (uint64_t)_mm512_reduce_add_epi64(_mm512_xor_si512(_mm512_xor_si512(a0, a1), _mm512_xor_si512(a2, a3)));
+}
+#endif
+
+static void owl_probe_span(const owl_probe *pr, int p, int nparts, int64_t *b, int64_t *e) {
+    const int64_t chunk = (pr->bytes / nparts) & ~(int64_t)255;
+    *b = chunk * p;
+    *e = p + 1 == nparts ? (pr->bytes & ~(int64_t)255) : chunk * (p + 1);
+}
+
+static void owl_probe_touch(void *arg, int p, int nparts) {
+    owl_probe *pr = arg;
+    int64_t b, e;
+    owl_probe_span(pr, p, nparts, &b, &e);
+    for (int64_t i = b; i < e; ++i) ((unsigned char *)pr->buf)[i] = (unsigned char)(i * 131u);  /* first touch */
+}
+
+static void owl_probe_read(void *arg, int p, int nparts) {
+    owl_probe *pr = arg;
+    int64_t b, e;
+    owl_probe_span(pr, p, nparts, &b, &e);
+    uint64_t s;
+#if OWL_X86
+    if (pr->isa >= OWL_AVX512) s = owl5_read(pr->buf + b, e - b);
+    else if (pr->isa == OWL_AVX2) s = owl2_read(pr->buf + b, e - b);
+    else
+#endif
+        s = owlp_read(pr->buf + b, e - b);
+    pr->sink[p] ^= s;
+}
+
+/* Stream `bytes` of memory with `threads` threads, reps times; writes each rep's seconds to secs (reps
+   entries) and returns the best rate in bytes/s (negative: an error code). Use a buffer several times the
+   last-level cache so the number is DRAM's. */
+OWL_API double owl_read_bandwidth(int64_t bytes, int threads, int reps, int isa, double *secs) {
+    pthread_once(&owl_once, owl_init_once);
+    if (bytes < 4096 || threads < 1 || reps < 1) return OWL_EARG;
+    if (isa < 0) isa = owl_isa_best();
+    if (!owl_isa_ok(isa)) return OWL_EISA;
+    void *buf = NULL;
+    if (posix_memalign(&buf, 1 << 21, (size_t)bytes)) return OWL_ENOMEM;
+    owl_probe *pr = calloc(1, sizeof *pr);
+    if (!pr) { free(buf); return OWL_ENOMEM; }
+    pr->buf = buf;
+    pr->bytes = bytes;
+    pr->isa = isa;
+    pthread_mutex_lock(&owl_call_mu);
+    threads = owl_pool_ensure(threads);
+    owl_run(owl_probe_touch, pr, threads);
+    owl_run(owl_probe_read, pr, threads);  /* warm-up */
+    double best = 0.0;
+    for (int r = 0; r < reps; ++r) {
+        const uint64_t t0 = owl_now_ns();
+        owl_run(owl_probe_read, pr, threads);
+        const double s = (double)(owl_now_ns() - t0) * 1e-9;
+        if (secs) secs[r] = s;
+        const double rate = (double)(bytes & ~(int64_t)255) / s;
+        if (rate > best) best = rate;
+    }
+    pthread_mutex_unlock(&owl_call_mu);
+    free(buf);
+    free(pr);
+    return best;
+}
