@@ -19,9 +19,9 @@ p50/p90/p99 pool every timed decode step. Each row checks its first logits again
 \b
 Backends:
   torch         PyTorch's dense kernels (CPU or CUDA).
-  torch-sparse  owlctl's sparse CPU kernels (nonzeros + bitmask on AVX-512, CSR
-                elsewhere) beside a dense-kernel row; on CUDA, 2:4 checkpoints
-                through torch.sparse.to_sparse_semi_structured.
+  torch-sparse  owlctl's sparse CPU kernels (nonzeros + bitmask; AVX-512, AVX2
+                or portable C, --threads threads) beside a dense-kernel row; on
+                CUDA, 2:4 checkpoints through torch.sparse.to_sparse_semi_structured.
   onnxruntime   the model's ONNX export (made once, cached) on onnxruntime.
   deepsparse    DeepSparse 1.8.0 in its own venv; --cpu is short for it and
                 --setup creates the venv.
@@ -96,10 +96,12 @@ def register(app: typer.Typer) -> None:
         runs: Annotated[int, typer.Option("--runs", help="Timed runs (>= 3); the median is reported.")] = 3,
         warmup: Annotated[int, typer.Option("--warmup", help="Untimed warm-up runs per row.")] = 1,
         threads: Annotated[int, typer.Option(
-            "--threads", help="CPU threads (torch, onnxruntime, DeepSparse cores). owlctl's sparse kernels use "
-                              "one.")] = 1,
+            "--threads", help="CPU threads (torch, onnxruntime, DeepSparse cores, and owlctl's sparse "
+                              "kernels).")] = 1,
         sparse_kernel: Annotated[str, typer.Option(
-            "--sparse-kernel", help="torch-sparse: auto | bitmask | csr | torch-csr | torch-bsr")] = "auto",
+            "--sparse-kernel", help="torch-sparse: auto | bitmask | bitmask-ISA (force avx512vbmi2, avx512, avx2 "
+                                    "or portable) | torch-csr | torch-bsr; csr is the old name of "
+                                    "bitmask-portable.")] = "auto",
         seed: Annotated[int, typer.Option("--seed", help="Seed of the random prompt.")] = 0,
         device: Device = "cpu",
         dtype: Dtype = "auto",

@@ -229,7 +229,7 @@ def _row_torch(spec: str, cfg: BenchConfig, prompt: Any, kernel: str | None, tas
         else:
             with torch.inference_mode():  # dense logits of the same weights, before the swap
                 reference = model(input_ids=prompt[:1, :16]).logits[0, -1].float()
-            extra["sparse"] = sparse_kernels.sparsify(model, kernel)
+            extra["sparse"] = sparse_kernels.sparsify(model, kernel, threads=cfg.threads)
             kernel = extra["sparse"]["kernel"]
     else:
         model.to(device)
