@@ -493,34 +493,63 @@ OWL_T2 OWL_INLINE float owl2_hsum(__m256 a) {
     return _mm_cvtss_f32(_mm_add_ss(t, _mm_shuffle_ps(t, t, 1)));
 }
 
+/* One 64-bit mask word (64 inputs) of one row: 8 expands of 8 values, into 4 accumulators. */
+OWL_T2 OWL_INLINE void owl2_word(const void *vals, int vd, uint64_t w, int64_t *offp, const float *xj, __m256 *a,
+                                 const uint16_t *mk) {
+    const int64_t off = *offp;
+    owl_prefetch(vals, off, vd, mk);
+    /* offsets of the 8 bytes' first values: popcounts of the lower bytes, independent of each other */
+    const int64_t o1 = _mm_popcnt_u64(w & 0xffull), o2 = _mm_popcnt_u64(w & 0xffffull);
+    const int64_t o3 = _mm_popcnt_u64(w & 0xffffffull), o4 = _mm_popcnt_u64(w & 0xffffffffull);
+    const int64_t o5 = _mm_popcnt_u64(w & 0xffffffffffull), o6 = _mm_popcnt_u64(w & 0xffffffffffffull);
+    const int64_t o7 = _mm_popcnt_u64(w & 0xffffffffffffffull), o8 = _mm_popcnt_u64(w);
+    a[0] = _mm256_fmadd_ps(owl2_expand(vals, off, w & 0xff, vd), _mm256_loadu_ps(xj), a[0]);
+    a[1] = _mm256_fmadd_ps(owl2_expand(vals, off + o1, (w >> 8) & 0xff, vd), _mm256_loadu_ps(xj + 8), a[1]);
+    a[2] = _mm256_fmadd_ps(owl2_expand(vals, off + o2, (w >> 16) & 0xff, vd), _mm256_loadu_ps(xj + 16), a[2]);
+    a[3] = _mm256_fmadd_ps(owl2_expand(vals, off + o3, (w >> 24) & 0xff, vd), _mm256_loadu_ps(xj + 24), a[3]);
+    a[0] = _mm256_fmadd_ps(owl2_expand(vals, off + o4, (w >> 32) & 0xff, vd), _mm256_loadu_ps(xj + 32), a[0]);
+    a[1] = _mm256_fmadd_ps(owl2_expand(vals, off + o5, (w >> 40) & 0xff, vd), _mm256_loadu_ps(xj + 40), a[1]);
+    a[2] = _mm256_fmadd_ps(owl2_expand(vals, off + o6, (w >> 48) & 0xff, vd), _mm256_loadu_ps(xj + 48), a[2]);
+    a[3] = _mm256_fmadd_ps(owl2_expand(vals, off + o7, (w >> 56) & 0xff, vd), _mm256_loadu_ps(xj + 56), a[3]);
+    *offp = off + o8;
+}
+
+OWL_T2 OWL_INLINE float owl2_sum(const __m256 *a) {
+    return owl2_hsum(_mm256_add_ps(_mm256_add_ps(a[0], a[1]), _mm256_add_ps(a[2], a[3])));
+}
+
+/* Rows are taken in pairs far apart (i and i + half of the range): four streams per core instead of two,
+   which the prefetchers serve at a higher bandwidth, and two independent chains in flight. A row's own
+   arithmetic is the same alone or paired, so results do not depend on the pairing (nor on the split). */
 OWL_T2 OWL_INLINE void owl2_mv_t(const owl_mat *m, const float *x, void *y, int ydt, int64_t r0, int64_t r1, int vd) {
-    const int64_t ng = m->ng;
-    for (int64_t r = r0; r < r1; ++r) {
-        const uint16_t *mk = m->mask + r * ng;
-        int64_t off = m->rp[r];
-        __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    const int64_t ng = m->ng, half = (r1 - r0) / 2;
+    for (int64_t i = 0; i < half; ++i) {
+        const int64_t ra = r0 + i, rb = r0 + half + i;
+        const uint16_t *ma = m->mask + ra * ng, *mb = m->mask + rb * ng;
+        int64_t oa = m->rp[ra], ob = m->rp[rb];
+        __m256 a[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+        __m256 b[4] = {a[0], a[0], a[0], a[0]};
         for (int64_t j = 0; j < ng; j += 4) {
-            uint64_t w;
-            memcpy(&w, mk + j, 8);
-            owl_prefetch(m->vals, off, vd, mk + j);
-            /* offsets of the 8 bytes' first values: popcounts of the lower bytes, independent of each other */
-            const int64_t o1 = _mm_popcnt_u64(w & 0xffull), o2 = _mm_popcnt_u64(w & 0xffffull);
-            const int64_t o3 = _mm_popcnt_u64(w & 0xffffffull), o4 = _mm_popcnt_u64(w & 0xffffffffull);
-            const int64_t o5 = _mm_popcnt_u64(w & 0xffffffffffull), o6 = _mm_popcnt_u64(w & 0xffffffffffffull);
-            const int64_t o7 = _mm_popcnt_u64(w & 0xffffffffffffffull), o8 = _mm_popcnt_u64(w);
-            const float *xj = x + 16 * j;
-            a0 = _mm256_fmadd_ps(owl2_expand(m->vals, off, w & 0xff, vd), _mm256_loadu_ps(xj), a0);
-            a1 = _mm256_fmadd_ps(owl2_expand(m->vals, off + o1, (w >> 8) & 0xff, vd), _mm256_loadu_ps(xj + 8), a1);
-            a2 = _mm256_fmadd_ps(owl2_expand(m->vals, off + o2, (w >> 16) & 0xff, vd), _mm256_loadu_ps(xj + 16), a2);
-            a3 = _mm256_fmadd_ps(owl2_expand(m->vals, off + o3, (w >> 24) & 0xff, vd), _mm256_loadu_ps(xj + 24), a3);
-            a0 = _mm256_fmadd_ps(owl2_expand(m->vals, off + o4, (w >> 32) & 0xff, vd), _mm256_loadu_ps(xj + 32), a0);
-            a1 = _mm256_fmadd_ps(owl2_expand(m->vals, off + o5, (w >> 40) & 0xff, vd), _mm256_loadu_ps(xj + 40), a1);
-            a2 = _mm256_fmadd_ps(owl2_expand(m->vals, off + o6, (w >> 48) & 0xff, vd), _mm256_loadu_ps(xj + 48), a2);
-            a3 = _mm256_fmadd_ps(owl2_expand(m->vals, off + o7, (w >> 56) & 0xff, vd), _mm256_loadu_ps(xj + 56), a3);
-            off += o8;
+            uint64_t wa, wb;
+            memcpy(&wa, ma + j, 8);
+            memcpy(&wb, mb + j, 8);
+            owl2_word(m->vals, vd, wa, &oa, x + 16 * j, a, ma + j);
+            owl2_word(m->vals, vd, wb, &ob, x + 16 * j, b, mb + j);
         }
-        const float s = owl2_hsum(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
-        owl_store_val(y, r, owl_finish(m, r, s), ydt);
+        owl_store_val(y, ra, owl_finish(m, ra, owl2_sum(a)), ydt);
+        owl_store_val(y, rb, owl_finish(m, rb, owl2_sum(b)), ydt);
+    }
+    if ((r1 - r0) & 1) {
+        const int64_t r = r1 - 1;
+        const uint16_t *ma = m->mask + r * ng;
+        int64_t oa = m->rp[r];
+        __m256 a[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+        for (int64_t j = 0; j < ng; j += 4) {
+            uint64_t wa;
+            memcpy(&wa, ma + j, 8);
+            owl2_word(m->vals, vd, wa, &oa, x + 16 * j, a, ma + j);
+        }
+        owl_store_val(y, r, owl_finish(m, r, owl2_sum(a)), ydt);
     }
 }
 
@@ -540,37 +569,80 @@ OWL_T5 OWL_INLINE __m512 owl5_load16(const void *v, int64_t off, int vd) {
     return _mm512_cvtph_ps(h);
 }
 
-OWL_T5 OWL_INLINE void owl5_mv_t(const owl_mat *m, const float *x, void *y, int ydt, int64_t r0, int64_t r1, int vd) {
-    const int64_t ng = m->ng;
-    for (int64_t r = r0; r < r1; ++r) {
-        const uint16_t *mk = m->mask + r * ng;
-        int64_t off = m->rp[r];
-        __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-        for (int64_t j = 0; j < ng; j += 4) {
-            uint64_t w;
-            memcpy(&w, mk + j, 8);
-            owl_prefetch(m->vals, off, vd, mk + j);
-            const int64_t o1 = _mm_popcnt_u64(w & 0xffffull), o2 = _mm_popcnt_u64(w & 0xffffffffull);
-            const int64_t o3 = _mm_popcnt_u64(w & 0xffffffffffffull), o4 = _mm_popcnt_u64(w);
-            /* masks from shifted copies in general registers: kmov from a GPR is one port-5 uop, a
-               k-register shift another, and port 5 also runs every expand */
-            const __mmask16 k0 = _cvtu32_mask16((unsigned)w & 0xffffu);
-            const __mmask16 k1 = _cvtu32_mask16((unsigned)(w >> 16) & 0xffffu);
-            const __mmask16 k2 = _cvtu32_mask16((unsigned)(w >> 32) & 0xffffu);
-            const __mmask16 k3 = _cvtu32_mask16((unsigned)(w >> 48));
-            const float *xj = x + 16 * j;
-            a0 = _mm512_fmadd_ps(_mm512_maskz_expand_ps(k0, owl5_load16(m->vals, off, vd)), _mm512_loadu_ps(xj), a0);
-            a1 = _mm512_fmadd_ps(_mm512_maskz_expand_ps(k1, owl5_load16(m->vals, off + o1, vd)),
-                                 _mm512_loadu_ps(xj + 16), a1);
-            a2 = _mm512_fmadd_ps(_mm512_maskz_expand_ps(k2, owl5_load16(m->vals, off + o2, vd)),
-                                 _mm512_loadu_ps(xj + 32), a2);
-            a3 = _mm512_fmadd_ps(_mm512_maskz_expand_ps(k3, owl5_load16(m->vals, off + o3, vd)),
-                                 _mm512_loadu_ps(xj + 48), a3);
-            off += o4;
-        }
-        const float s = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
-        owl_store_val(y, r, owl_finish(m, r, s), ydt);
+/* The 16-bit halves of w as k-masks. The shifts are pinned in general registers: left alone, the compiler
+   turns them into k-register shifts, and port 5, which runs every expand, also runs those. */
+OWL_T5 OWL_INLINE void owl5_masks(uint64_t w, __mmask16 *k) {
+    uint32_t w1 = (uint32_t)(w >> 16), w2 = (uint32_t)(w >> 32), w3 = (uint32_t)(w >> 48);
+    __asm__("" : "+r"(w1), "+r"(w2), "+r"(w3));
+    k[0] = _cvtu32_mask16((uint32_t)w & 0xffffu);
+    k[1] = _cvtu32_mask16(w1 & 0xffffu);
+    k[2] = _cvtu32_mask16(w2 & 0xffffu);
+    k[3] = _cvtu32_mask16(w3);
+}
+
+/* One 64-bit mask word of one row: 4 expands of 16 values; offsets from popcounts of the low 16/32/48 bits. */
+OWL_T5 OWL_INLINE void owl5_word(const void *vals, int vd, uint64_t w, int64_t *offp, const __m512 *xv, __m512 *a,
+                                 const uint16_t *mk) {
+    const int64_t off = *offp;
+    owl_prefetch(vals, off, vd, mk);
+    const int64_t o1 = _mm_popcnt_u64(w & 0xffffull), o2 = _mm_popcnt_u64(w & 0xffffffffull);
+    const int64_t o3 = _mm_popcnt_u64(w & 0xffffffffffffull), o4 = _mm_popcnt_u64(w);
+    __mmask16 k[4];
+    owl5_masks(w, k);
+    a[0] = _mm512_fmadd_ps(_mm512_maskz_expand_ps(k[0], owl5_load16(vals, off, vd)), xv[0], a[0]);
+    a[1] = _mm512_fmadd_ps(_mm512_maskz_expand_ps(k[1], owl5_load16(vals, off + o1, vd)), xv[1], a[1]);
+    a[2] = _mm512_fmadd_ps(_mm512_maskz_expand_ps(k[2], owl5_load16(vals, off + o2, vd)), xv[2], a[2]);
+    a[3] = _mm512_fmadd_ps(_mm512_maskz_expand_ps(k[3], owl5_load16(vals, off + o3, vd)), xv[3], a[3]);
+    *offp = off + o4;
+}
+
+OWL_T5 OWL_INLINE float owl5_sum(const __m512 *a) {
+    return _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a[0], a[1]), _mm512_add_ps(a[2], a[3])));
+}
+
+OWL_T5 OWL_INLINE void owl5_xload(const float *xj, __m512 *xv) {
+    for (int i = 0; i < 4; ++i) xv[i] = _mm512_loadu_ps(xj + 16 * i);
+}
+
+/* WORD(vals, vd, w, &off, xv, acc, mk) consumes one mask word of one row; rows go in far-apart pairs as in
+   owl2_mv_t. Shared by the AVX-512 and the AVX-512 + VBMI2 decoders. */
+#define OWL5_MV_BODY(WORD)                                                                                         \
+    const int64_t ng = m->ng, half = (r1 - r0) / 2;                                                                \
+    for (int64_t i = 0; i < half; ++i) {                                                                           \
+        const int64_t ra = r0 + i, rb = r0 + half + i;                                                             \
+        const uint16_t *ma = m->mask + ra * ng, *mb = m->mask + rb * ng;                                           \
+        int64_t oa = m->rp[ra], ob = m->rp[rb];                                                                    \
+        __m512 a[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};        \
+        __m512 b[4] = {a[0], a[0], a[0], a[0]};                                                                    \
+        for (int64_t j = 0; j < ng; j += 4) {                                                                      \
+            uint64_t wa, wb;                                                                                       \
+            memcpy(&wa, ma + j, 8);                                                                                \
+            memcpy(&wb, mb + j, 8);                                                                                \
+            __m512 xv[4];                                                                                          \
+            owl5_xload(x + 16 * j, xv);                                                                            \
+            WORD(m->vals, vd, wa, &oa, xv, a, ma + j);                                                             \
+            WORD(m->vals, vd, wb, &ob, xv, b, mb + j);                                                             \
+        }                                                                                                          \
+        owl_store_val(y, ra, owl_finish(m, ra, owl5_sum(a)), ydt);                                                 \
+        owl_store_val(y, rb, owl_finish(m, rb, owl5_sum(b)), ydt);                                                 \
+    }                                                                                                              \
+    if ((r1 - r0) & 1) {                                                                                           \
+        const int64_t r = r1 - 1;                                                                                  \
+        const uint16_t *ma = m->mask + r * ng;                                                                     \
+        int64_t oa = m->rp[r];                                                                                     \
+        __m512 a[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};        \
+        for (int64_t j = 0; j < ng; j += 4) {                                                                      \
+            uint64_t wa;                                                                                           \
+            memcpy(&wa, ma + j, 8);                                                                                \
+            __m512 xv[4];                                                                                          \
+            owl5_xload(x + 16 * j, xv);                                                                            \
+            WORD(m->vals, vd, wa, &oa, xv, a, ma + j);                                                             \
+        }                                                                                                          \
+        owl_store_val(y, r, owl_finish(m, r, owl5_sum(a)), ydt);                                                   \
     }
+
+OWL_T5 OWL_INLINE void owl5_mv_t(const owl_mat *m, const float *x, void *y, int ydt, int64_t r0, int64_t r1, int vd) {
+    OWL5_MV_BODY(owl5_word)
 }
 
 OWL_T5 static void owl5_mv(const owl_mat *m, const float *x, void *y, int ydt, int64_t r0, int64_t r1) {
@@ -587,46 +659,40 @@ OWL_T5 static void owl5_mv(const owl_mat *m, const float *x, void *y, int ydt, i
    even/odd per 32 inputs (owl_x_evenodd). float16 converts each 256-bit half in input order. */
 #define OWL_T5V __attribute__((target("avx512f,avx512bw,avx512vl,avx512vbmi2,avx2,fma,f16c,popcnt")))
 
+OWL_T5V OWL_INLINE void owl5v_word(const void *vals_, int vd, uint64_t w, int64_t *offp, const __m512 *xv,
+                                   __m512 *a, const uint16_t *mk) {
+    const uint16_t *vals = vals_;
+    const int64_t off = *offp;
+    owl_prefetch(vals, off, vd, mk);
+    const int64_t o2 = _mm_popcnt_u64(w & 0xffffffffull), o4 = _mm_popcnt_u64(w);
+    uint32_t whi = (uint32_t)(w >> 32);
+    __asm__("" : "+r"(whi));
+    const __m512i e0 = _mm512_maskz_expand_epi16(_cvtu32_mask32((uint32_t)w),
+                                                 _mm512_loadu_si512((const void *)(vals + off)));
+    const __m512i e1 = _mm512_maskz_expand_epi16(_cvtu32_mask32(whi), _mm512_loadu_si512((const void *)(vals + off + o2)));
+    __m512 w0, w1, w2, w3;
+    if (vd == OWL_BF16) {
+        const __m512i hi16 = _mm512_set1_epi32((int)0xffff0000u);
+        w0 = _mm512_castsi512_ps(_mm512_slli_epi32(e0, 16));
+        w1 = _mm512_castsi512_ps(_mm512_and_si512(e0, hi16));
+        w2 = _mm512_castsi512_ps(_mm512_slli_epi32(e1, 16));
+        w3 = _mm512_castsi512_ps(_mm512_and_si512(e1, hi16));
+    } else {
+        w0 = _mm512_cvtph_ps(_mm512_castsi512_si256(e0));
+        w1 = _mm512_cvtph_ps(_mm512_extracti64x4_epi64(e0, 1));
+        w2 = _mm512_cvtph_ps(_mm512_castsi512_si256(e1));
+        w3 = _mm512_cvtph_ps(_mm512_extracti64x4_epi64(e1, 1));
+    }
+    a[0] = _mm512_fmadd_ps(w0, xv[0], a[0]);
+    a[1] = _mm512_fmadd_ps(w1, xv[1], a[1]);
+    a[2] = _mm512_fmadd_ps(w2, xv[2], a[2]);
+    a[3] = _mm512_fmadd_ps(w3, xv[3], a[3]);
+    *offp = off + o4;
+}
+
 OWL_T5V OWL_INLINE void owl5v_mv_t(const owl_mat *m, const float *x, void *y, int ydt, int64_t r0, int64_t r1,
                                    int vd) {
-    const int64_t ng = m->ng;
-    const uint16_t *vals = m->vals;
-    const __m512i hi16 = _mm512_set1_epi32((int)0xffff0000u);
-    for (int64_t r = r0; r < r1; ++r) {
-        const uint16_t *mk = m->mask + r * ng;
-        int64_t off = m->rp[r];
-        __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-        for (int64_t j = 0; j < ng; j += 4) {
-            uint64_t w;
-            memcpy(&w, mk + j, 8);
-            owl_prefetch(vals, off, vd, mk + j);
-            const int64_t o2 = _mm_popcnt_u64(w & 0xffffffffull), o4 = _mm_popcnt_u64(w);
-            const __m512i e0 = _mm512_maskz_expand_epi16(_cvtu32_mask32((unsigned)w),
-                                                         _mm512_loadu_si512((const void *)(vals + off)));
-            const __m512i e1 = _mm512_maskz_expand_epi16(_cvtu32_mask32((unsigned)(w >> 32)),
-                                                         _mm512_loadu_si512((const void *)(vals + off + o2)));
-            const float *xj = x + 16 * j;
-            __m512 w0, w1, w2, w3;
-            if (vd == OWL_BF16) {
-                w0 = _mm512_castsi512_ps(_mm512_slli_epi32(e0, 16));
-                w1 = _mm512_castsi512_ps(_mm512_and_si512(e0, hi16));
-                w2 = _mm512_castsi512_ps(_mm512_slli_epi32(e1, 16));
-                w3 = _mm512_castsi512_ps(_mm512_and_si512(e1, hi16));
-            } else {
-                w0 = _mm512_cvtph_ps(_mm512_castsi512_si256(e0));
-                w1 = _mm512_cvtph_ps(_mm512_extracti64x4_epi64(e0, 1));
-                w2 = _mm512_cvtph_ps(_mm512_castsi512_si256(e1));
-                w3 = _mm512_cvtph_ps(_mm512_extracti64x4_epi64(e1, 1));
-            }
-            a0 = _mm512_fmadd_ps(w0, _mm512_loadu_ps(xj), a0);
-            a1 = _mm512_fmadd_ps(w1, _mm512_loadu_ps(xj + 16), a1);
-            a2 = _mm512_fmadd_ps(w2, _mm512_loadu_ps(xj + 32), a2);
-            a3 = _mm512_fmadd_ps(w3, _mm512_loadu_ps(xj + 48), a3);
-            off += o4;
-        }
-        const float s = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
-        owl_store_val(y, r, owl_finish(m, r, s), ydt);
-    }
+    OWL5_MV_BODY(owl5v_word)
 }
 
 OWL_T5V static void owl5v_mv(const owl_mat *m, const float *x, void *y, int ydt, int64_t r0, int64_t r1) {
@@ -659,11 +725,7 @@ static void owl_mv_part(void *arg, int p, int nparts) {
 
 /* ------------------------------------------------------------------ several tokens: Y (T, n_out) = X W^T + b */
 
-/* 16 floats; compiled as one zmm, two ymm or four xmm by the caller's target. */
-typedef float owl_v16 __attribute__((vector_size(64)));
-
-OWL_INLINE owl_v16 owl_v16_load(const float *p) { owl_v16 v; memcpy(&v, p, sizeof v); return v; }
-OWL_INLINE void owl_v16_store(float *p, owl_v16 v) { memcpy(p, &v, sizeof v); }
+typedef float owl_v16 __attribute__((vector_size(64)));  /* one zmm */
 
 /* Columns (times the tile stride) of the nonzeros in kw mask words, written to cols; returns the count.
    cols needs 16 entries of slack: each word stores a full vector. */
@@ -684,29 +746,46 @@ OWL_INLINE int owlp_cols(const uint16_t *mk, int kw, int stride, int32_t *cols) 
 OWL_T2 OWL_INLINE int owl2_cols(const uint16_t *mk, int kw, int stride, int32_t *cols) {
     int n = 0;
     const __m256i st = _mm256_set1_epi32(stride);
-    for (int j = 0; j < kw; ++j) {
-        for (int h = 0; h < 2; ++h) {
-            const unsigned b = (mk[j] >> (8 * h)) & 0xff;
+    for (int j = 0; j < kw; j += 4) {
+        uint64_t w;
+        memcpy(&w, mk + j, 8);
+        int o[8];  /* store offsets of the 8 bytes: popcounts of the lower bytes (independent) */
+        o[0] = 0;
+        for (int h = 1; h < 8; ++h) o[h] = (int)_mm_popcnt_u64(w & ((1ull << (8 * h)) - 1));
+        for (int h = 0; h < 8; ++h) {
+            const unsigned b = (unsigned)(w >> (8 * h)) & 0xffu;
             __m256i pos = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)owl_lut_pos[b]));
             pos = _mm256_mullo_epi32(_mm256_add_epi32(pos, _mm256_set1_epi32(16 * j + 8 * h)), st);
-            _mm256_storeu_si256((__m256i *)(cols + n), pos);
-            n += owl_lut_pc[b];
+            _mm256_storeu_si256((__m256i *)(cols + n + o[h]), pos);
         }
+        n += (int)_mm_popcnt_u64(w);
     }
     return n;
 }
 
+/* Four words per 64-bit load: their store offsets are popcounts of its low 16/32/48 bits, so the stores do
+   not wait on one another (kw is a multiple of 4: rows have whole 64-bit words). */
 OWL_T5 OWL_INLINE int owl5_cols(const uint16_t *mk, int kw, int stride, int32_t *cols) {
     int n = 0;
     const __m512i lane = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
                                             _mm512_set1_epi32(stride));
     const __m512i step = _mm512_set1_epi32(16 * stride);
     __m512i idx = lane;
-    for (int j = 0; j < kw; ++j) {
-        const __mmask16 k = mk[j];
-        _mm512_storeu_si512((void *)(cols + n), _mm512_maskz_compress_epi32(k, idx));
-        n += (int)_mm_popcnt_u32(k);
-        idx = _mm512_add_epi32(idx, step);
+    for (int j = 0; j < kw; j += 4) {
+        uint64_t w;
+        memcpy(&w, mk + j, 8);
+        const int o1 = (int)_mm_popcnt_u64(w & 0xffffull), o2 = (int)_mm_popcnt_u64(w & 0xffffffffull);
+        const int o3 = (int)_mm_popcnt_u64(w & 0xffffffffffffull), o4 = (int)_mm_popcnt_u64(w);
+        __mmask16 k[4];
+        owl5_masks(w, k);
+        const __m512i i1 = _mm512_add_epi32(idx, step), i2 = _mm512_add_epi32(i1, step);
+        const __m512i i3 = _mm512_add_epi32(i2, step);
+        _mm512_storeu_si512((void *)(cols + n), _mm512_maskz_compress_epi32(k[0], idx));
+        _mm512_storeu_si512((void *)(cols + n + o1), _mm512_maskz_compress_epi32(k[1], i1));
+        _mm512_storeu_si512((void *)(cols + n + o2), _mm512_maskz_compress_epi32(k[2], i2));
+        _mm512_storeu_si512((void *)(cols + n + o3), _mm512_maskz_compress_epi32(k[3], i3));
+        n += o4;
+        idx = _mm512_add_epi32(i3, step);
     }
     return n;
 }
@@ -744,31 +823,47 @@ OWL_T2 OWL_INLINE const float *owl2_vals(const owl_mat *m, int64_t off, int n, f
 }
 #endif
 
-/* yb (nv vectors of 16 tokens) += sum_i w[i] * xc[cols[i] + 16 v]; nv is a constant after inlining.
-   Consecutive nonzeros go to different accumulator sets (8 / 4 / 2 sets for 1 / 2 / 3-4 vectors), so at
-   least 8 independent FMA chains hide the FMA latency; the sets are summed in a fixed order. */
-OWL_INLINE void owl_fma_row(float *yb, const float *xc, const int32_t *cols, const float *w, int n, int nv) {
-    const int sets = nv == 1 ? 8 : nv == 2 ? 4 : 2;
-    owl_v16 acc[8][4];
-    for (int s = 0; s < sets; ++s)
-        for (int v = 0; v < nv; ++v) acc[s][v] = (owl_v16){0};
-    int i = 0;
-    for (; i + sets <= n; i += sets)
-        for (int s = 0; s < sets; ++s) {
-            const float ws = w[i + s];
-            const float *xp = xc + cols[i + s];
-            for (int v = 0; v < nv; ++v) acc[s][v] += ws * owl_v16_load(xp + 16 * v);
-        }
-    for (; i < n; ++i) {
-        const float ws = w[i];
-        const float *xp = xc + cols[i];
-        for (int v = 0; v < nv; ++v) acc[0][v] += ws * owl_v16_load(xp + 16 * v);
+/* P##_fma_row: yb (nv x 16 tokens) += sum_i w[i] * xc[cols[i] + t], t < 16 nv. VT is the ISA's native
+   float vector (LANES floats: 16 zmm, 8 ymm, 4 xmm; wider generic vectors make GCC broadcast through the
+   stack), REGS how many of them may hold accumulators without spilling. Consecutive nonzeros go to
+   different accumulator sets (REGS / vectors per nonzero of them), so several independent FMA chains
+   hide the FMA latency; the sets are summed in a fixed order. nv is a constant after inlining. */
+#define OWL_DEFINE_FMA(P, ATTR, VT, LANES, REGS)                                                                   \
+    ATTR OWL_INLINE VT P##_vload(const float *p) { VT v; memcpy(&v, p, sizeof v); return v; }                   \
+    ATTR OWL_INLINE void P##_fma_row(float *yb, const float *xc, const int32_t *cols, const float *w, int n,     \
+                                     int nv) {                                                                   \
+        const int nvec = nv * (16 / (LANES)), sets = (REGS) / nvec > 1 ? (REGS) / nvec : 1;                     \
+        VT acc[16][16];                                                                                          \
+        for (int s = 0; s < sets; ++s)                                                                           \
+            for (int v = 0; v < nvec; ++v) acc[s][v] = (VT){0};                                                  \
+        int i = 0;                                                                                               \
+        for (; i + sets <= n; i += sets)                                                                         \
+            for (int s = 0; s < sets; ++s) {                                                                     \
+                const VT ws = (VT){0} + w[i + s];                                                                \
+                const float *xp = xc + cols[i + s];                                                              \
+                for (int v = 0; v < nvec; ++v) acc[s][v] += ws * P##_vload(xp + (LANES) * v);                    \
+            }                                                                                                    \
+        for (; i < n; ++i) {                                                                                     \
+            const VT ws = (VT){0} + w[i];                                                                        \
+            const float *xp = xc + cols[i];                                                                      \
+            for (int v = 0; v < nvec; ++v) acc[0][v] += ws * P##_vload(xp + (LANES) * v);                        \
+        }                                                                                                        \
+        for (int step = 1; step < sets; step *= 2) /* pairwise: (0+1) + (2+3) ... */                             \
+            for (int s = 0; s + step < sets; s += 2 * step)                                                      \
+                for (int v = 0; v < nvec; ++v) acc[s][v] += acc[s + step][v];                                    \
+        for (int v = 0; v < nvec; ++v) {                                                                         \
+            VT o = P##_vload(yb + (LANES) * v) + acc[0][v];                                                      \
+            memcpy(yb + (LANES) * v, &o, sizeof o);                                                              \
+        }                                                                                                        \
     }
-    for (int step = 1; step < sets; step *= 2)  /* pairwise: (0+1) + (2+3) ... */
-        for (int s = 0; s + step < sets; s += 2 * step)
-            for (int v = 0; v < nv; ++v) acc[s][v] += acc[s + step][v];
-    for (int v = 0; v < nv; ++v) owl_v16_store(yb + 16 * v, owl_v16_load(yb + 16 * v) + acc[0][v]);
-}
+
+typedef float owl_v4 __attribute__((vector_size(16)));
+typedef float owl_v8 __attribute__((vector_size(32)));
+OWL_DEFINE_FMA(owlp, , owl_v4, 4, 8)
+#if OWL_X86
+OWL_DEFINE_FMA(owl2, OWL_T2, owl_v8, 8, 8)
+OWL_DEFINE_FMA(owl5, OWL_T5, owl_v16, 16, 8)
+#endif
 
 /* Write a row block's tile results (yb: row-major, stride floats per row) to y (token-major). */
 OWL_INLINE void owl_mm_store(const owl_mat *m, const float *yb, int64_t r0, int64_t nr, void *y, int ydt, int64_t t0,
@@ -802,7 +897,7 @@ OWL_INLINE void owl_mm_store(const owl_mat *m, const float *yb, int64_t r0, int6
                 const int n = COLS(m->mask + (r0 + i) * ng + k0, kw, stride, cols);                               \
                 const float *w = VALS(m, off[i], n, vbuf, vd);                                                    \
                 off[i] += n;                                                                                      \
-                owl_fma_row(yb + i * stride, xc, cols, w, n, nv);                                                 \
+                P##_fma_row(yb + i * stride, xc, cols, w, n, nv);                                                 \
             }                                                                                                     \
         }                                                                                                         \
         owl_mm_store(m, yb, r0, nr, y, ydt, t0, tn, stride);                                                      \
@@ -1043,45 +1138,61 @@ typedef struct {
     uint64_t sink[OWL_MAX_THREADS];
 } owl_probe;
 
+/* Each thread reads its slice as 4 interleaved streams (quarters of the slice, in lockstep): one core
+   keeps more lines in flight that way (measured: 11.5 vs 7 GB/s on one core), so the probe is what a
+   well-fed core gets, not what a naive loop gets. The XOR of everything read goes to a sink. */
+#define OWL_PROBE_STREAMS 4
+
 static uint64_t owlp_read(const unsigned char *p, int64_t n) {
-    uint64_t a0 = 0, a1 = 0, a2 = 0, a3 = 0;
-    for (int64_t i = 0; i + 32 <= n; i += 32) {
-        uint64_t w[4];
-        memcpy(w, p + i, 32);
-        a0 ^= w[0]; a1 ^= w[1]; a2 ^= w[2]; a3 ^= w[3];
-    }
-    return a0 ^ a1 ^ a2 ^ a3;
+    const int64_t q = n / OWL_PROBE_STREAMS;
+    uint64_t a[OWL_PROBE_STREAMS][4] = {{0}};
+    for (int64_t i = 0; i + 32 <= q; i += 32)
+        for (int s = 0; s < OWL_PROBE_STREAMS; ++s) {
+            uint64_t w[4];
+            memcpy(w, p + s * q + i, 32);
+            for (int k = 0; k < 4; ++k) a[s][k] ^= w[k];
+        }
+    uint64_t r = 0;
+    for (int s = 0; s < OWL_PROBE_STREAMS; ++s) r ^= a[s][0] ^ a[s][1] ^ a[s][2] ^ a[s][3];
+    return r;
 }
 
 #if OWL_X86
 OWL_T2 static uint64_t owl2_read(const unsigned char *p, int64_t n) {
-    __m256i a0 = _mm256_setzero_si256(), a1 = a0, a2 = a0, a3 = a0;
-    for (int64_t i = 0; i + 128 <= n; i += 128) {
-        a0 = _mm256_xor_si256(a0, _mm256_loadu_si256((const __m256i *)(p + i)));
-        a1 = _mm256_xor_si256(a1, _mm256_loadu_si256((const __m256i *)(p + i + 32)));
-        a2 = _mm256_xor_si256(a2, _mm256_loadu_si256((const __m256i *)(p + i + 64)));
-        a3 = _mm256_xor_si256(a3, _mm256_loadu_si256((const __m256i *)(p + i + 96)));
-    }
-    const __m256i a = _mm256_xor_si256(_mm256_xor_si256(a0, a1), _mm256_xor_si256(a2, a3));
-    return (uint64_t)_mm256_extract_epi64(a, 0) ^ (uint64_t)_mm256_extract_epi64(a, 3);
+    const int64_t q = n / OWL_PROBE_STREAMS;
+    __m256i a[OWL_PROBE_STREAMS][2];
+    for (int s = 0; s < OWL_PROBE_STREAMS; ++s) a[s][0] = a[s][1] = _mm256_setzero_si256();
+    for (int64_t i = 0; i + 64 <= q; i += 64)
+        for (int s = 0; s < OWL_PROBE_STREAMS; ++s) {
+            const unsigned char *c = p + s * q + i;
+            a[s][0] = _mm256_xor_si256(a[s][0], _mm256_loadu_si256((const __m256i *)c));
+            a[s][1] = _mm256_xor_si256(a[s][1], _mm256_loadu_si256((const __m256i *)(c + 32)));
+        }
+    __m256i r = _mm256_setzero_si256();
+    for (int s = 0; s < OWL_PROBE_STREAMS; ++s) r = _mm256_xor_si256(r, _mm256_xor_si256(a[s][0], a[s][1]));
+    return (uint64_t)_mm256_extract_epi64(r, 0) ^ (uint64_t)_mm256_extract_epi64(r, 3);
 }
 
 OWL_T5 static uint64_t owl5_read(const unsigned char *p, int64_t n) {
-    __m512i a0 = _mm512_setzero_si512(), a1 = a0, a2 = a0, a3 = a0;
-    for (int64_t i = 0; i + 256 <= n; i += 256) {
-        a0 = _mm512_xor_si512(a0, _mm512_loadu_si512((const void *)(p + i)));
-        a1 = _mm512_xor_si512(a1, _mm512_loadu_si512((const void *)(p + i + 64)));
-        a2 = _mm512_xor_si512(a2, _mm512_loadu_si512((const void *)(p + i + 128)));
-        a3 = _mm512_xor_si512(a3, _mm512_loadu_si512((const void *)(p + i + 192)));
-    }
-    return (uint64_t)_mm512_reduce_add_epi64(_mm512_xor_si512(_mm512_xor_si512(a0, a1), _mm512_xor_si512(a2, a3)));
+    const int64_t q = n / OWL_PROBE_STREAMS;
+    __m512i a[OWL_PROBE_STREAMS];
+    for (int s = 0; s < OWL_PROBE_STREAMS; ++s) a[s] = _mm512_setzero_si512();
+    for (int64_t i = 0; i + 64 <= q; i += 64)
+        for (int s = 0; s < OWL_PROBE_STREAMS; ++s)
+            a[s] = _mm512_xor_si512(a[s], _mm512_loadu_si512((const void *)(p + s * q + i)));
+    __m512i r = _mm512_setzero_si512();
+    for (int s = 0; s < OWL_PROBE_STREAMS; ++s) r = _mm512_xor_si512(r, a[s]);
+    return (uint64_t)_mm512_reduce_add_epi64(r);
 }
 #endif
 
+/* Slices are multiples of 256 bytes x OWL_PROBE_STREAMS, so every stream reads whole 64-byte lines. */
+#define OWL_PROBE_ALIGN ((int64_t)256 * OWL_PROBE_STREAMS)
+
 static void owl_probe_span(const owl_probe *pr, int p, int nparts, int64_t *b, int64_t *e) {
-    const int64_t chunk = (pr->bytes / nparts) & ~(int64_t)255;
+    const int64_t chunk = (pr->bytes / nparts) & ~(OWL_PROBE_ALIGN - 1);
     *b = chunk * p;
-    *e = p + 1 == nparts ? (pr->bytes & ~(int64_t)255) : chunk * (p + 1);
+    *e = chunk * (p + 1);
 }
 
 static void owl_probe_touch(void *arg, int p, int nparts) {
@@ -1130,7 +1241,7 @@ OWL_API double owl_read_bandwidth(int64_t bytes, int threads, int reps, int isa,
         owl_run(owl_probe_read, pr, threads);
         const double s = (double)(owl_now_ns() - t0) * 1e-9;
         if (secs) secs[r] = s;
-        const double rate = (double)(bytes & ~(int64_t)255) / s;
+        const double rate = (double)((bytes / threads) & ~(OWL_PROBE_ALIGN - 1)) * threads / s;
         if (rate > best) best = rate;
     }
     pthread_mutex_unlock(&owl_call_mu);
