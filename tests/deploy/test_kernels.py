@@ -131,6 +131,30 @@ def test_all_zero_matrix_and_many_supertiles(isa, dtype):
 
 
 @pytest.mark.parametrize("isa", ISA_PARAMS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_few_token_and_tile_kernels_agree(isa, dtype):
+    """T = 2..9 use the few-token kernel, more tokens the tile kernel; force each at every T."""
+    _need(isa)
+    lin = _linear(_weight(70, 333, seed=8), True, dtype)
+    sl = kl.SparseLinear(lin, threads=2, isa=isa)
+    sl.dense_from_tokens = None
+    lib = build.library()
+    old = lib.owl_set_tile_from(10)
+    try:
+        with torch.inference_mode():
+            for tokens in (2, 3, 5, 8, 9, 12, 20):
+                x = torch.randn(tokens, 333)
+                lib.owl_set_tile_from(1000)  # few-token kernel
+                a = sl(x)
+                lib.owl_set_tile_from(2)  # tile kernel
+                b = sl(x)
+                _assert_close(a, x, lin)
+                _assert_close(b, x, lin)
+    finally:
+        lib.owl_set_tile_from(old)
+
+
+@pytest.mark.parametrize("isa", ISA_PARAMS)
 def test_isas_agree_with_each_other(isa):
     """Different ISAs sum in different orders, so they agree to the tolerance, not bit for bit."""
     _need(isa)
@@ -146,8 +170,9 @@ def test_isas_agree_with_each_other(isa):
 def test_dense_route_for_many_tokens_with_16_bit_weights(dtype):
     lin = _linear(_weight(40, 72, seed=7), True, dtype)
     sl = kl.SparseLinear(lin, threads=2)
-    assert sl.dense_from_tokens == kl.DENSE_FROM_TOKENS[dtype]
-    x = torch.randn(1, 2 * sl.dense_from_tokens, 72).to(dtype)
+    assert sl.dense_from_tokens == kl.DENSE_FROM_TOKENS[dtype]  # CPU-dependent (AMX / AVX512-BF16)
+    sl.dense_from_tokens = 16
+    x = torch.randn(1, 40, 72).to(dtype)
     with torch.inference_mode():
         y = sl(x)
         _assert_close(y, x, lin, roundings=2)

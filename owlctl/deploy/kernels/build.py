@@ -199,9 +199,9 @@ def _bind(lib: Any) -> Any:
         "owl_abi": ([], i32), "owl_isa_supported": ([i32], i32), "owl_isa_best": ([], i32),
         "owl_has_avx512": ([], i32),
         "owl_set_threads": ([i32], i32), "owl_get_threads": ([], i32), "owl_set_spin_us": ([i32], None),
-        "owl_max_threads": ([], i32), "owl_mat_size": ([], i64),
+        "owl_max_threads": ([], i32), "owl_mat_size": ([], i64), "owl_set_tile_from": ([i32], i32),
         "owl_mat_init": ([p, i64, i64, i64, i32, p, p, i64, p, p, i32], i32),
-        "owl_linear": ([p, p, p, i64, i32, i32, i32, i32], i32), "owl_densify": ([p, p, i32], i32),
+        "owl_linear": ([p, p, p, i64, i32, i32, i32, i32], i32), "owl_densify": ([p, p, i64, i64, i32], i32),
         "owl_read_bandwidth": ([i64, i32, i32, i32, p], dbl), "owl_release_scratch": ([], None),
     }
     for name, (args, res) in sigs.items():

@@ -37,10 +37,34 @@ _ALIASES = {"csr": ("bitmask", "portable"), **{f"bitmask-{isa}": ("bitmask", isa
 _DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 _VPAD = 64  # zeros after the values: the kernels read up to 16 past a row (OWL_VPAD is 32)
 _ERRORS = {-1: "bad arguments", -2: "this CPU lacks the requested instruction set", -3: "out of memory"}
-# From this many tokens on, 16-bit weights are densified into a scratch matrix and multiplied by torch's
-# dense GEMM: it runs on the CPU's bf16/fp16 dot-product units, which no FMA-based sparse loop catches
-# (docs/bench_kernels.md). float32 never switches: the sparse kernel beats MKL's float32 GEMM at 70%.
-DENSE_FROM_TOKENS = {torch.float32: None, torch.bfloat16: 32, torch.float16: 32}
+
+
+def _cpu_flags() -> set:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def _dense_from_tokens() -> dict:
+    """From how many tokens 16-bit weights are densified into a scratch matrix for torch's dense GEMM.
+
+    Where the CPU has bf16 matrix/dot-product units (AMX-BF16, AVX512-BF16), torch's bf16 GEMM runs on
+    them (~1 TFLOP/s per core with AMX, measured) and no FMA-based sparse loop catches it past a few
+    tokens; float16 without AMX-FP16 has no such units in torch's CPU kernels, so the sparse kernel stays
+    ahead; float32 never switches (the sparse kernel beats MKL's float32 GEMM at 70%). Measurements:
+    docs/bench_kernels.md."""
+    flags = _cpu_flags()
+    bf16 = 16 if flags & {"amx_bf16", "avx512_bf16"} else None
+    fp16 = 16 if "amx_fp16" in flags else None
+    return {torch.float32: None, torch.bfloat16: bf16, torch.float16: fp16}
+
+
+DENSE_FROM_TOKENS = _dense_from_tokens()
 _scratch: dict = {}
 _scratch_lock = threading.Lock()
 
@@ -114,7 +138,7 @@ class SparseLinear(nn.Module):
         self._lib = build.library()
         self.threads = default_threads() if threads is None else int(threads)
         self.isa = isa
-        self.dense_from_tokens = DENSE_FROM_TOKENS.get(w.dtype)
+        self._dense_from = DENSE_FROM_TOKENS.get(w.dtype)
         mask, vals, row_ptr = pack_bitmask(w)
         self.nnz = int(row_ptr[-1])
         self.register_buffer("mask", mask)
@@ -148,6 +172,7 @@ class SparseLinear(nn.Module):
         self._mat_addr = ctypes.addressof(mat)
         self._isa_code = isa_code(lib, self.isa)
         self._isa_key = self.isa
+        self._vals_dtype = self.vals.dtype
         self._fn = lib.owl_linear
 
     def _apply(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
@@ -171,29 +196,48 @@ class SparseLinear(nn.Module):
         self._lib = build.library()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self._mat is None or self._isa_key != self.isa:
+        # the hot path (one decode token through 210 Linears of a small model) avoids buffer attributes
+        # (nn.Module.__getattr__) and device objects: about 6 us of Python per call, half of it torch.empty
+        if self._mat is None or self._isa_key is not self.isa:
             self._bind()
-        if x.requires_grad and torch.is_grad_enabled():
-            raise InputError("SparseLinear is inference-only (its kernels have no backward)",
-                             hint="run under torch.inference_mode() or torch.no_grad()")
         code = _DTYPES.get(x.dtype)
-        if code is None or x.device.type != "cpu":
-            if x.device.type != "cpu":
-                raise InputError(f"SparseLinear runs on the CPU; the input is on {x.device}", hint="use --device cpu")
-            return self.forward(x.float()).to(x.dtype)
-        if x.shape[-1] != self.in_features:
-            raise RuntimeError(f"SparseLinear: input has {x.shape[-1]} features, expected {self.in_features}")
-        x = x.contiguous()
+        if code is None or not x.is_cpu or x.requires_grad:
+            return self._forward_other(x)
+        shape = x.shape
+        if shape[-1] != self.in_features:
+            raise RuntimeError(f"SparseLinear: input has {shape[-1]} features, expected {self.in_features}")
+        if not x.is_contiguous():
+            x = x.contiguous()
         tokens = x.numel() // self.in_features
-        if self.dense_from_tokens is not None and tokens >= self.dense_from_tokens and x.dtype == self.vals.dtype:
+        if self._dense_from is not None and tokens >= self._dense_from and x.dtype is self._vals_dtype:
             return self._forward_dense(x)
-        y = torch.empty(x.shape[:-1] + (self.out_features,), dtype=x.dtype)
+        y = torch.empty(shape[:-1] + (self.out_features,), dtype=x.dtype)
         if tokens:
             rc = self._fn(self._mat_addr, x.data_ptr(), y.data_ptr(), tokens, code, code, self.threads,
                           self._isa_code)
             if rc:
                 raise ModelError(f"owlctl sparse kernel failed: {_ERRORS.get(rc, rc)}")
         return y
+
+    def _forward_other(self, x: torch.Tensor) -> torch.Tensor:
+        """Inputs the kernels do not take directly: gradients (refused), other devices, other dtypes."""
+        if x.requires_grad and torch.is_grad_enabled():
+            raise InputError("SparseLinear is inference-only (its kernels have no backward)",
+                             hint="run under torch.inference_mode() or torch.no_grad()")
+        if not x.is_cpu:
+            raise InputError(f"SparseLinear runs on the CPU; the input is on {x.device}", hint="use --device cpu")
+        if x.dtype in _DTYPES:  # requires_grad under no_grad: the same computation
+            return self.forward(x.detach())
+        return self.forward(x.float()).to(x.dtype)
+
+    @property
+    def dense_from_tokens(self) -> int | None:
+        """From this many tokens on, 16-bit weights take the dense route (None: never)."""
+        return self._dense_from
+
+    @dense_from_tokens.setter
+    def dense_from_tokens(self, value: int | None) -> None:
+        self._dense_from = value
 
     def dense_weight(self, out: torch.Tensor | None = None) -> torch.Tensor:
         """The weight back as a dense (C_out, C_in) tensor in the stored dtype (into ``out`` if given)."""
@@ -204,7 +248,7 @@ class SparseLinear(nn.Module):
             out = torch.empty(shape, dtype=self.vals.dtype)
         if out.shape != shape or out.dtype != self.vals.dtype or not out.is_contiguous():
             raise InputError(f"dense_weight needs a contiguous {shape} {self.vals.dtype} tensor")
-        rc = self._lib.owl_densify(self._mat_addr, out.data_ptr(), self.threads)
+        rc = self._lib.owl_densify(self._mat_addr, out.data_ptr(), 0, self.out_features, self.threads)
         if rc:
             raise ModelError(f"owlctl sparse kernel failed: {_ERRORS.get(rc, rc)}")
         return out

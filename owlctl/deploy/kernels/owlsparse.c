@@ -209,6 +209,7 @@ static owl_slot owl_slots[OWL_MAX_THREADS];
 static int owl_nworkers;            /* workers running in slots 1..owl_nworkers */
 static int owl_default_threads = 1;
 static atomic_long owl_spin_ns = 50000;  /* how long an idle worker polls before it sleeps */
+static atomic_long owl_tile_from = 10;   /* token count from which the tile kernel beats the few-token one */
 static pthread_mutex_t owl_call_mu = PTHREAD_MUTEX_INITIALIZER;  /* one kernel call at a time */
 
 static uint64_t owl_now_ns(void) {
@@ -335,6 +336,10 @@ OWL_API int owl_set_threads(int n) {
 OWL_API int owl_get_threads(void) { return owl_default_threads; }
 OWL_API void owl_set_spin_us(int us) { atomic_store(&owl_spin_ns, us < 0 ? 0 : (long)us * 1000); }
 OWL_API int owl_max_threads(void) { return OWL_MAX_THREADS; }
+/* Tests and benchmarks move the switch between the few-token and the tile kernels; returns the old value. */
+OWL_API int owl_set_tile_from(int tokens) {
+    return (int)atomic_exchange(&owl_tile_from, tokens < 2 ? 2 : tokens);
+}
 
 /* ------------------------------------------------------------------ the matrix */
 
@@ -701,6 +706,218 @@ OWL_T5V static void owl5v_mv(const owl_mat *m, const float *x, void *y, int ydt,
 }
 #endif
 
+/* ------------------------------------------------------------------ a few tokens (2 <= T < owl_tile_from)
+
+   Small batches: each mask word is expanded once and multiplied into nt token vectors (nt = 2, 4 or 8,
+   activations zero-padded to a multiple of nt), so the matrix is read once per call and the expansion is
+   shared; the tile kernel below only pays off from a few dozen tokens. Each token keeps two accumulators,
+   summed in a fixed order. */
+
+typedef struct {
+    const owl_mat *m;
+    const float *x;   /* nt-padded tokens, npad floats each (even/odd order for VBMI2 + bfloat16) */
+    void *y;
+    int64_t T;
+    int ydtype, nt;
+} owl_mt_ctx;
+
+#if OWL_X86
+OWL_T5 OWL_INLINE void owl5_expand4(const void *vals, int vd, uint64_t w, int64_t off, __m512 *wv,
+                                    const uint16_t *mk) {
+    owl_prefetch(vals, off, vd, mk);
+    const int64_t o1 = _mm_popcnt_u64(w & 0xffffull), o2 = _mm_popcnt_u64(w & 0xffffffffull);
+    const int64_t o3 = _mm_popcnt_u64(w & 0xffffffffffffull);
+    __mmask16 k[4];
+    owl5_masks(w, k);
+    wv[0] = _mm512_maskz_expand_ps(k[0], owl5_load16(vals, off, vd));
+    wv[1] = _mm512_maskz_expand_ps(k[1], owl5_load16(vals, off + o1, vd));
+    wv[2] = _mm512_maskz_expand_ps(k[2], owl5_load16(vals, off + o2, vd));
+    wv[3] = _mm512_maskz_expand_ps(k[3], owl5_load16(vals, off + o3, vd));
+}
+
+OWL_T5V OWL_INLINE void owl5v_expand4(const void *vals_, int vd, uint64_t w, int64_t off, __m512 *wv,
+                                      const uint16_t *mk) {
+    const uint16_t *vals = vals_;
+    owl_prefetch(vals, off, vd, mk);
+    const int64_t o2 = _mm_popcnt_u64(w & 0xffffffffull);
+    uint32_t whi = (uint32_t)(w >> 32);
+    __asm__("" : "+r"(whi));
+    const __m512i e0 = _mm512_maskz_expand_epi16(_cvtu32_mask32((uint32_t)w),
+                                                 _mm512_loadu_si512((const void *)(vals + off)));
+    const __m512i e1 = _mm512_maskz_expand_epi16(_cvtu32_mask32(whi), _mm512_loadu_si512((const void *)(vals + off + o2)));
+    if (vd == OWL_BF16) {
+        const __m512i hi16 = _mm512_set1_epi32((int)0xffff0000u);
+        wv[0] = _mm512_castsi512_ps(_mm512_slli_epi32(e0, 16));
+        wv[1] = _mm512_castsi512_ps(_mm512_and_si512(e0, hi16));
+        wv[2] = _mm512_castsi512_ps(_mm512_slli_epi32(e1, 16));
+        wv[3] = _mm512_castsi512_ps(_mm512_and_si512(e1, hi16));
+    } else {
+        wv[0] = _mm512_cvtph_ps(_mm512_castsi512_si256(e0));
+        wv[1] = _mm512_cvtph_ps(_mm512_extracti64x4_epi64(e0, 1));
+        wv[2] = _mm512_cvtph_ps(_mm512_castsi512_si256(e1));
+        wv[3] = _mm512_cvtph_ps(_mm512_extracti64x4_epi64(e1, 1));
+    }
+}
+
+#define OWL5_DEFINE_MT(P, ATTR, EXPAND4)                                                                           \
+    ATTR OWL_INLINE void P##_mt_t(const owl_mt_ctx *c, int64_t r0, int64_t r1, int vd, int nt) {                   \
+        const owl_mat *m = c->m;                                                                                   \
+        const int64_t ng = m->ng, npad = ng * 16;                                                                  \
+        for (int64_t r = r0; r < r1; ++r) {                                                                        \
+            const uint16_t *mk = m->mask + r * ng;                                                                 \
+            for (int64_t t0 = 0; t0 < c->T; t0 += nt) { /* the row stays in L1 across token groups */             \
+                int64_t off = m->rp[r];                                                                            \
+                __m512 acc[8][2];                                                                                  \
+                for (int t = 0; t < nt; ++t) acc[t][0] = acc[t][1] = _mm512_setzero_ps();                          \
+                const float *xb = c->x + t0 * npad;                                                                \
+                for (int64_t j = 0; j < ng; j += 4) {                                                              \
+                    uint64_t w;                                                                                    \
+                    memcpy(&w, mk + j, 8);                                                                         \
+                    __m512 wv[4];                                                                                  \
+                    EXPAND4(m->vals, vd, w, off, wv, mk + j);                                                      \
+                    off += _mm_popcnt_u64(w);                                                                      \
+                    for (int t = 0; t < nt; ++t) {                                                                 \
+                        const float *xt = xb + t * npad + 16 * j;                                                  \
+                        acc[t][0] = _mm512_fmadd_ps(wv[0], _mm512_loadu_ps(xt), acc[t][0]);                        \
+                        acc[t][1] = _mm512_fmadd_ps(wv[1], _mm512_loadu_ps(xt + 16), acc[t][1]);                   \
+                        acc[t][0] = _mm512_fmadd_ps(wv[2], _mm512_loadu_ps(xt + 32), acc[t][0]);                   \
+                        acc[t][1] = _mm512_fmadd_ps(wv[3], _mm512_loadu_ps(xt + 48), acc[t][1]);                   \
+                    }                                                                                              \
+                }                                                                                                  \
+                const int64_t tn = c->T - t0 < nt ? c->T - t0 : nt;                                                \
+                for (int t = 0; t < tn; ++t)                                                                       \
+                    owl_store_val(c->y, (t0 + t) * m->n_out + r,                                                   \
+                                  owl_finish(m, r, _mm512_reduce_add_ps(_mm512_add_ps(acc[t][0], acc[t][1]))),     \
+                                  c->ydtype);                                                                      \
+            }                                                                                                      \
+        }                                                                                                          \
+    }                                                                                                              \
+    ATTR OWL_INLINE void P##_mt_vd(const owl_mt_ctx *c, int64_t r0, int64_t r1, int vd) {                          \
+        if (c->nt == 2) P##_mt_t(c, r0, r1, vd, 2);                                                                \
+        else if (c->nt == 4) P##_mt_t(c, r0, r1, vd, 4);                                                           \
+        else P##_mt_t(c, r0, r1, vd, 8);                                                                           \
+    }
+
+OWL5_DEFINE_MT(owl5, OWL_T5, owl5_expand4)
+OWL5_DEFINE_MT(owl5v, OWL_T5V, owl5v_expand4)
+
+OWL_T5 static void owl5_mt(const owl_mt_ctx *c, int64_t r0, int64_t r1) {
+    switch (c->m->vdtype) {
+    case OWL_F32: owl5_mt_vd(c, r0, r1, OWL_F32); break;
+    case OWL_BF16: owl5_mt_vd(c, r0, r1, OWL_BF16); break;
+    default: owl5_mt_vd(c, r0, r1, OWL_F16); break;
+    }
+}
+
+OWL_T5V static void owl5v_mt(const owl_mt_ctx *c, int64_t r0, int64_t r1) {
+    if (c->m->vdtype == OWL_BF16) owl5v_mt_vd(c, r0, r1, OWL_BF16);
+    else owl5v_mt_vd(c, r0, r1, OWL_F16);
+}
+
+/* AVX2: half a word (32 inputs, 4 lookups of 8 lanes) at a time, nt <= 4 tokens. */
+OWL_T2 OWL_INLINE void owl2_mt_t(const owl_mt_ctx *c, int64_t r0, int64_t r1, int vd, int nt) {
+    const owl_mat *m = c->m;
+    const int64_t ng = m->ng, npad = ng * 16;
+    for (int64_t r = r0; r < r1; ++r) {
+        const uint16_t *mk = m->mask + r * ng;
+        for (int64_t t0 = 0; t0 < c->T; t0 += nt) {
+            int64_t off = m->rp[r];
+            __m256 acc[4][2];
+            for (int t = 0; t < nt; ++t) acc[t][0] = acc[t][1] = _mm256_setzero_ps();
+            const float *xb = c->x + t0 * npad;
+            for (int64_t j = 0; j < ng; j += 2) {
+                uint32_t w;
+                memcpy(&w, mk + j, 4);
+                owl_prefetch(m->vals, off, vd, mk + j);
+                const int64_t o1 = _mm_popcnt_u32(w & 0xffu), o2 = _mm_popcnt_u32(w & 0xffffu);
+                const int64_t o3 = _mm_popcnt_u32(w & 0xffffffu);
+                const __m256 w0 = owl2_expand(m->vals, off, w & 0xff, vd);
+                const __m256 w1 = owl2_expand(m->vals, off + o1, (w >> 8) & 0xff, vd);
+                const __m256 w2 = owl2_expand(m->vals, off + o2, (w >> 16) & 0xff, vd);
+                const __m256 w3 = owl2_expand(m->vals, off + o3, w >> 24, vd);
+                off += _mm_popcnt_u32(w);
+                for (int t = 0; t < nt; ++t) {
+                    const float *xt = xb + t * npad + 16 * j;
+                    acc[t][0] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xt), acc[t][0]);
+                    acc[t][1] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xt + 8), acc[t][1]);
+                    acc[t][0] = _mm256_fmadd_ps(w2, _mm256_loadu_ps(xt + 16), acc[t][0]);
+                    acc[t][1] = _mm256_fmadd_ps(w3, _mm256_loadu_ps(xt + 24), acc[t][1]);
+                }
+            }
+            const int64_t tn = c->T - t0 < nt ? c->T - t0 : nt;
+            for (int t = 0; t < tn; ++t)
+                owl_store_val(c->y, (t0 + t) * m->n_out + r,
+                              owl_finish(m, r, owl2_hsum(_mm256_add_ps(acc[t][0], acc[t][1]))), c->ydtype);
+        }
+    }
+}
+
+OWL_T2 static void owl2_mt(const owl_mt_ctx *c, int64_t r0, int64_t r1) {
+    const int nt = c->nt == 2 ? 2 : 4;
+    switch (c->m->vdtype) {
+    case OWL_F32: nt == 2 ? owl2_mt_t(c, r0, r1, OWL_F32, 2) : owl2_mt_t(c, r0, r1, OWL_F32, 4); break;
+    case OWL_BF16: nt == 2 ? owl2_mt_t(c, r0, r1, OWL_BF16, 2) : owl2_mt_t(c, r0, r1, OWL_BF16, 4); break;
+    default: nt == 2 ? owl2_mt_t(c, r0, r1, OWL_F16, 2) : owl2_mt_t(c, r0, r1, OWL_F16, 4); break;
+    }
+}
+#endif
+
+/* portable: the decode loop once per token, the row in L1 after the first. */
+OWL_INLINE void owlp_mt_t(const owl_mt_ctx *c, int64_t r0, int64_t r1, int vd) {
+    const owl_mat *m = c->m;
+    const int64_t ng = m->ng, npad = ng * 16;
+    for (int64_t r = r0; r < r1; ++r) {
+        const uint16_t *mk = m->mask + r * ng;
+        for (int64_t t = 0; t < c->T; ++t) {
+            int64_t k = m->rp[r];
+            float a0 = 0.f, a1 = 0.f, a2 = 0.f, a3 = 0.f;
+            const float *x = c->x + t * npad;
+            for (int64_t j = 0; j < ng; j += 4) {
+                uint64_t w;
+                memcpy(&w, mk + j, 8);
+                const float *xj = x + 16 * j;
+                while (w) {
+                    a0 += owl_load_val(m->vals, k++, vd) * xj[__builtin_ctzll(w)];
+                    w &= w - 1;
+                    if (!w) break;
+                    a1 += owl_load_val(m->vals, k++, vd) * xj[__builtin_ctzll(w)];
+                    w &= w - 1;
+                    if (!w) break;
+                    a2 += owl_load_val(m->vals, k++, vd) * xj[__builtin_ctzll(w)];
+                    w &= w - 1;
+                    if (!w) break;
+                    a3 += owl_load_val(m->vals, k++, vd) * xj[__builtin_ctzll(w)];
+                    w &= w - 1;
+                }
+            }
+            owl_store_val(c->y, t * m->n_out + r, owl_finish(m, r, (a0 + a1) + (a2 + a3)), c->ydtype);
+        }
+    }
+}
+
+static void owlp_mt(const owl_mt_ctx *c, int64_t r0, int64_t r1) {
+    switch (c->m->vdtype) {
+    case OWL_F32: owlp_mt_t(c, r0, r1, OWL_F32); break;
+    case OWL_BF16: owlp_mt_t(c, r0, r1, OWL_BF16); break;
+    default: owlp_mt_t(c, r0, r1, OWL_F16); break;
+    }
+}
+
+typedef struct { owl_mt_ctx mt; int isa; } owl_mt_job;
+
+static void owl_mt_part(void *arg, int p, int nparts) {
+    const owl_mt_job *j = arg;
+    const owl_mat *m = j->mt.m;
+    (void)nparts;
+    const int64_t r0 = m->split[p], r1 = m->split[p + 1];
+#if OWL_X86
+    if (j->isa == OWL_AVX512V && m->vdtype != OWL_F32) { owl5v_mt(&j->mt, r0, r1); return; }
+    if (j->isa >= OWL_AVX512) { owl5_mt(&j->mt, r0, r1); return; }
+    if (j->isa == OWL_AVX2) { owl2_mt(&j->mt, r0, r1); return; }
+#endif
+    owlp_mt(&j->mt, r0, r1);
+}
+
 /* x (npad floats) reordered for owl5v_mv with bfloat16 values: per 32 inputs, the 16 even then the 16 odd. */
 static void owl_x_evenodd(float *dst, const float *src, int64_t npad) {
     for (int64_t b = 0; b < npad; b += 32)
@@ -839,12 +1056,12 @@ OWL_T2 OWL_INLINE const float *owl2_vals(const owl_mat *m, int64_t off, int n, f
         int i = 0;                                                                                               \
         for (; i + sets <= n; i += sets)                                                                         \
             for (int s = 0; s < sets; ++s) {                                                                     \
-                const VT ws = (VT){0} + w[i + s];                                                                \
+                const float ws = w[i + s]; /* scalar * vector: one broadcast ({0} + w would add) */              \
                 const float *xp = xc + cols[i + s];                                                              \
                 for (int v = 0; v < nvec; ++v) acc[s][v] += ws * P##_vload(xp + (LANES) * v);                    \
             }                                                                                                    \
         for (; i < n; ++i) {                                                                                     \
-            const VT ws = (VT){0} + w[i];                                                                        \
+            const float ws = w[i];                                                                               \
             const float *xp = xc + cols[i];                                                                      \
             for (int v = 0; v < nvec; ++v) acc[0][v] += ws * P##_vload(xp + (LANES) * v);                        \
         }                                                                                                        \
@@ -864,6 +1081,23 @@ OWL_DEFINE_FMA(owlp, , owl_v4, 4, 8)
 OWL_DEFINE_FMA(owl2, OWL_T2, owl_v8, 8, 8)
 OWL_DEFINE_FMA(owl5, OWL_T5, owl_v16, 16, 8)
 #endif
+
+/* The rows of a block are visited chunk by chunk, so the value stream jumps between OWL_RB row segments,
+   which the hardware prefetchers do not follow: fetch the segment (and mask words) OWL_PF_ROWS rows ahead. */
+#define OWL_PF_ROWS 2
+OWL_INLINE void owl_prefetch_seg(const owl_mat *m, int64_t r, int64_t k0, int kw, int64_t off) {
+    const uint16_t *mk = m->mask + r * m->ng + k0;
+    int64_t n = 0;
+    for (int j = 0; j < kw; j += 4) {
+        uint64_t w;
+        memcpy(&w, mk + j, 8);
+        n += __builtin_popcountll(w);
+    }
+    const int vb = m->vdtype == OWL_F32 ? 4 : 2;
+    const char *v = (const char *)m->vals + off * vb, *end = v + n * vb;
+    for (const char *p = (const char *)((uintptr_t)v & ~(uintptr_t)63); p < end; p += 64) __builtin_prefetch(p, 0, 3);
+    __builtin_prefetch(mk + m->ng, 0, 3);  /* the mask words of the row after */
+}
 
 /* Write a row block's tile results (yb: row-major, stride floats per row) to y (token-major). */
 OWL_INLINE void owl_mm_store(const owl_mat *m, const float *yb, int64_t r0, int64_t nr, void *y, int ydt, int64_t t0,
@@ -894,6 +1128,7 @@ OWL_INLINE void owl_mm_store(const owl_mat *m, const float *yb, int64_t r0, int6
             const int kw = (int)(ng - k0 < kc ? ng - k0 : kc);                                                    \
             const float *xc = xt + k0 * 16 * stride;                                                              \
             for (int64_t i = 0; i < nr; ++i) {                                                                    \
+                if (i + OWL_PF_ROWS < nr) owl_prefetch_seg(m, r0 + i + OWL_PF_ROWS, k0, kw, off[i + OWL_PF_ROWS]);\
                 const int n = COLS(m->mask + (r0 + i) * ng + k0, kw, stride, cols);                               \
                 const float *w = VALS(m, off[i], n, vbuf, vd);                                                    \
                 off[i] += n;                                                                                      \
@@ -1026,6 +1261,28 @@ OWL_API int owl_linear(owl_mat *m, const void *x, void *y, int64_t T, int xdtype
         }
         c.x = xs;
         owl_run(owl_mv_part, &c, nparts);
+    } else if (T < atomic_load_explicit(&owl_tile_from, memory_order_relaxed)) {
+        owl_mt_job j;
+        memset(&j, 0, sizeof j);
+        const int nt = T <= 2 ? 2 : T <= 4 || isa == OWL_AVX2 ? 4 : 8;
+        const int64_t tpad = (T + nt - 1) / nt * nt;
+        float *xs = owl_scratch_get((size_t)(tpad * npad * 2) * sizeof(float));
+        if (!xs) { rc = OWL_ENOMEM; goto out; }
+        const int evenodd = isa == OWL_AVX512V && m->vdtype == OWL_BF16;
+        float *xo = evenodd ? xs + tpad * npad : xs;
+        for (int64_t t = 0; t < tpad; ++t) {
+            float *row = xs + t * npad;
+            for (int64_t i = 0; i < npad; ++i) row[i] = t < T && i < m->n_in ? owl_load_val(x, t * m->n_in + i, xdtype) : 0.f;
+            if (evenodd) owl_x_evenodd(xo + t * npad, row, npad);
+        }
+        j.mt.m = m;
+        j.mt.x = xo;
+        j.mt.y = y;
+        j.mt.T = T;
+        j.mt.ydtype = ydtype;
+        j.mt.nt = nt;
+        j.isa = isa;
+        owl_run(owl_mt_part, &j, nparts);
     } else {
         const int64_t st_tokens = (int64_t)OWL_TT * OWL_ST;
         const int64_t first = T < st_tokens ? T : st_tokens;
@@ -1055,17 +1312,17 @@ out:
 /* W back to dense (n_out, n_in) in the stored dtype: for many tokens with 16-bit values a dense GEMM that
    uses the CPU's bf16/fp16 dot-product units (through torch) beats any FMA-based sparse loop, so
    linear.py densifies into a scratch matrix and calls it. */
-typedef struct { const owl_mat *m; void *out; } owl_dense_ctx;
+typedef struct { const owl_mat *m; void *out; int64_t r0, r1; } owl_dense_ctx;
 
 #if OWL_X86
 /* One expand and one full store per mask word (two words per vpexpandw for 16-bit values). The row's
    padding inputs (past n_in) are written to a row-sized stack buffer, not past the caller's row. */
-OWL_T5V static void owl5v_densify_rows(const owl_mat *m, void *out, int64_t r0, int64_t r1) {
+OWL_T5V static void owl5v_densify_rows(const owl_mat *m, void *out, int64_t r0, int64_t r1, int64_t base) {
     const int vb = m->vdtype == OWL_F32 ? 4 : 2;
     const int64_t row_bytes = m->n_in * vb, full = m->n_in / 32;  /* whole 32-input blocks */
     for (int64_t r = r0; r < r1; ++r) {
         const uint16_t *mk = m->mask + r * m->ng;
-        char *dst = (char *)out + r * row_bytes;
+        char *dst = (char *)out + (r - base) * row_bytes;
         int64_t off = m->rp[r];
         char tail[128] __attribute__((aligned(64)));
         for (int64_t b = 0; b < m->ng / 2; ++b) {
@@ -1091,20 +1348,21 @@ OWL_T5V static void owl5v_densify_rows(const owl_mat *m, void *out, int64_t r0, 
 }
 #endif
 
+/* Rows [c->r0, c->r1) into c->out (row r at row r - c->r0), split evenly across the parts. */
 static void owl_densify_part(void *arg, int p, int nparts) {
     const owl_dense_ctx *c = arg;
     const owl_mat *m = c->m;
-    (void)nparts;
+    const int64_t n = c->r1 - c->r0, r0 = c->r0 + n * p / nparts, r1 = c->r0 + n * (p + 1) / nparts;
 #if OWL_X86
     if (owl_isa_ok(OWL_AVX512V)) {
-        owl5v_densify_rows(m, c->out, m->split[p], m->split[p + 1]);
+        owl5v_densify_rows(m, c->out, r0, r1, c->r0);
         return;
     }
 #endif
     const int vb = m->vdtype == OWL_F32 ? 4 : 2;
-    for (int64_t r = m->split[p]; r < m->split[p + 1]; ++r) {
+    for (int64_t r = r0; r < r1; ++r) {
         const uint16_t *mk = m->mask + r * m->ng;
-        char *dst = (char *)c->out + r * m->n_in * vb;
+        char *dst = (char *)c->out + (r - c->r0) * m->n_in * vb;
         const char *src = (const char *)m->vals + m->rp[r] * vb;
         memset(dst, 0, (size_t)(m->n_in * vb));
         for (int64_t j = 0; j < m->ng; ++j)
@@ -1115,15 +1373,15 @@ static void owl_densify_part(void *arg, int p, int nparts) {
     }
 }
 
-OWL_API int owl_densify(owl_mat *m, void *out, int threads) {
-    if (!m || m->abi != OWL_ABI || !out) return OWL_EARG;
+/* Rows [r0, r1) of W as a dense (r1 - r0, n_in) matrix in the stored dtype, written to out. */
+OWL_API int owl_densify(owl_mat *m, void *out, int64_t r0, int64_t r1, int threads) {
+    if (!m || m->abi != OWL_ABI || !out || r0 < 0 || r1 > m->n_out || r0 >= r1) return OWL_EARG;
     pthread_once(&owl_once, owl_init_once);
     pthread_mutex_lock(&owl_call_mu);
     int nparts = threads > 0 ? threads : owl_default_threads;
-    if (nparts > m->n_out) nparts = (int)m->n_out;
+    if (nparts > r1 - r0) nparts = (int)(r1 - r0);
     nparts = owl_pool_ensure(nparts < 1 ? 1 : nparts);
-    if (m->nsplit != nparts) owl_make_split(m, nparts);
-    owl_dense_ctx c = {m, out};
+    owl_dense_ctx c = {m, out, r0, r1};
     owl_run(owl_densify_part, &c, nparts);
     pthread_mutex_unlock(&owl_call_mu);
     return OWL_OK;
