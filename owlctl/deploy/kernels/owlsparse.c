@@ -467,7 +467,9 @@ static void owlp_mv(const owl_mat *m, const float *x, void *y, int ydt, int64_t 
 #if OWL_X86
 /* Decode streams two arrays per row (mask words, values); the hardware prefetcher alone left a single core
    well below the bandwidth a plain streaming read reaches, so ask for the lines ~2 KiB ahead. */
+#ifndef OWL_PF_BYTES
 #define OWL_PF_BYTES 2048
+#endif
 OWL_INLINE void owl_prefetch(const void *vals, int64_t off, int vd, const uint16_t *mk) {
     const char *v = (const char *)vals + off * (vd == OWL_F32 ? 4 : 2);
     _mm_prefetch(v + OWL_PF_BYTES, _MM_HINT_T0);
