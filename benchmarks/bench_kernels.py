@@ -15,9 +15,13 @@ the order flips between repetitions, and the tables report medians with the proc
            plus x and y; effective GB/s = bytes / seconds, and % of the probe at the same thread count;
   prefill  T = 128 and 2048 tokens through the SmolLM2 shapes and 4096x4096 (the default route: the sparse
            kernel for float32, torch's GEMM on the densified matrix for 16-bit weights from 32 tokens on);
-  isa      decode with each ISA variant forced (avx512vbmi2 / avx512 / avx2 / portable), 1 thread.
-Every sparse output is checked against the dense one (max |diff| / max |dense|).
-Writes docs/bench_kernels.json and docs/bench_kernels.md.
+  isa      decode with each ISA variant forced (avx512vbmi2 / avx512 / avx2 / portable), 1 thread;
+  e2e      whole models through `owlctl bench` (``--e2e NAME=CHECKPOINT``, repeatable): torch dense vs
+           torch-sparse rows, and onnxruntime (dense) for float32 checkpoints, at 1 and 2 threads, plus
+           where a torch-sparse decode step's time goes (sparse Linears / dense Linears such as a tied
+           lm_head / everything else) at 1 thread.
+Every sparse output is checked against the dense one (max |diff| / max |dense|). Sections not run keep
+their previous results from the JSON. Writes docs/bench_kernels.json and docs/bench_kernels.md.
 """
 
 from __future__ import annotations
@@ -44,6 +48,7 @@ LLAMA7B = [(4096, 4096), (11008, 4096), (4096, 11008)]
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 SPARSITY = 0.7
 COLD_BYTES = 600e6
+WAIT_QUIET = True  # wait for other processes to leave the CPUs before each section (--no-wait)
 
 
 def machine() -> dict:
@@ -60,20 +65,53 @@ def machine() -> dict:
     return info
 
 
+def busy_seconds() -> tuple[float, float]:
+    """(CPU seconds all processes have used since boot, CPU seconds this process has used)."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    with open("/proc/stat") as f:
+        v = [int(x) for x in f.readline().split()[1:]]
+    busy = sum(v[:8]) - v[3] - v[4]  # all but idle and iowait
+    return busy / ticks, time.process_time()
+
+
+def other_cpu(seconds: float = 1.0) -> float:
+    """CPUs' worth of time other processes used over the next `seconds`."""
+    b0, s0 = busy_seconds()
+    time.sleep(seconds)
+    b1, s1 = busy_seconds()
+    return max(0.0, (b1 - b0) - (s1 - s0)) / seconds
+
+
+def wait_quiet(limit: float = 0.2, max_wait: float = 300.0) -> float:
+    """Wait (up to max_wait) until other processes use less than `limit` CPUs; returns the last reading."""
+    t0, use = time.perf_counter(), other_cpu()
+    while use > limit and time.perf_counter() - t0 < max_wait:
+        print(f"  waiting: other processes use {use:.2f} CPUs", file=sys.stderr, flush=True)
+        use = other_cpu(5.0)
+    return use
+
+
 class Section:
-    """Load average and process CPU time around a block of measurements."""
+    """Load average, this process's CPU time and the CPU time of every other process around a block of
+    measurements (the machine is shared: the last says whether anything else ran meanwhile)."""
 
     def __init__(self, name: str) -> None:
         self.name = name
 
     def __enter__(self) -> "Section":
-        self.load0, self.cpu0, self.wall0 = os.getloadavg()[0], time.process_time(), time.perf_counter()
+        self.quiet_before = wait_quiet() if WAIT_QUIET else None
+        self.load0, self.wall0 = os.getloadavg()[0], time.perf_counter()
+        self.busy0, self.cpu0 = busy_seconds()
         print(f"[{self.name}] load {self.load0:.2f}", file=sys.stderr, flush=True)
         return self
 
     def __exit__(self, *exc: object) -> None:
+        busy1, cpu1 = busy_seconds()
+        wall = time.perf_counter() - self.wall0
         self.info = {"loadavg_1min_before": self.load0, "loadavg_1min_after": os.getloadavg()[0],
-                     "cpu_seconds": time.process_time() - self.cpu0, "wall_seconds": time.perf_counter() - self.wall0}
+                     "cpu_seconds": cpu1 - self.cpu0, "wall_seconds": wall,
+                     "other_cpus": max(0.0, (busy1 - self.busy0) - (cpu1 - self.cpu0)) / max(wall, 1e-9),
+                     "other_cpus_before": self.quiet_before}
 
 
 def sparse_weight(shape: tuple[int, int], dtype: torch.dtype, seed: int) -> torch.Tensor:
@@ -152,7 +190,8 @@ def decode_case(shape, dtype_name: str, threads_list, reps: int, isas=("auto",))
             rows.append({"shape": list(shape), "dtype": dtype_name, "threads": threads, "isa": isa,
                          "resolved_isa": resolved, "copies": copies, "dense_us": dense_s * 1e6, "sparse_us": s * 1e6,
                          "speedup": dense_s / s, "dense_bytes": dense_bytes + io, "sparse_bytes": sb + io,
-                         "bytes_ratio": (sb + io) / (dense_bytes + io), "dense_gbps": (dense_bytes + io) / dense_s / 1e9,
+                         "bytes_ratio": (sb + io) / (dense_bytes + io),
+                         "dense_gbps": (dense_bytes + io) / dense_s / 1e9,
                          "sparse_gbps": (sb + io) / s / 1e9, "rel_diff": check[isa],
                          "probe_gbps_near": max(near), "pct_of_probe": 100 * (sb + io) / s / 1e9 / max(near),
                          "runs_dense_s": times["dense"], "runs_sparse_s": times[isa], **sec.info})
@@ -179,6 +218,116 @@ def prefill_case(shape, dtype_name: str, tokens: int, threads: int, reps: int) -
             "runs_dense_s": times["dense"], "runs_sparse_s": times["sparse"], **sec.info}
 
 
+def e2e_row(name: str, bench_doc: dict, threads: int) -> list[dict]:
+    """One summary row per `owlctl bench` document row."""
+    out = []
+    for r in bench_doc["rows"]:
+        out.append({"model": name, "threads": threads, "label": r["label"], "backend": r["backend"],
+                    "kernel": r.get("kernel"), "decode_tok_s": r["decode"]["tokens_per_s"],
+                    "decode_tok_s_runs": r["decode"]["tokens_per_s_runs"],
+                    "prefill_tok_s": r["prefill"]["tokens_per_s"], "weights_mb": r["memory"]["weights_mb"],
+                    "max_abs_diff_vs_torch": r["max_abs_diff_vs_torch"],
+                    "settings": {k: bench_doc["settings"][k] for k in ("prompt_len", "new_tokens", "runs")},
+                    "sparse": (r.get("details") or {}).get("sparse")})
+    return out
+
+
+def run_e2e(models: dict[str, str], threads_list=(1, 2)) -> list[dict]:
+    from owlctl.ops.bench import BenchConfig, bench
+
+    rows = []
+    for name, path in models.items():
+        cfg = json.loads((Path(path) / "config.json").read_text()) if Path(path).is_dir() else {}
+        dtype = cfg.get("torch_dtype") or cfg.get("dtype")
+        backends = ["torch-sparse"] + (["onnxruntime"] if dtype in (None, "float32") else [])
+        new_tokens = 16 if cfg.get("hidden_size", 0) >= 1024 else 32  # large models: fewer steps
+        for threads in threads_list:
+            for backend in backends:
+                with Section(f"e2e {name} {backend} {threads}t") as sec:
+                    doc = bench(BenchConfig(model=path, backend=backend, threads=threads, new_tokens=new_tokens))
+                for r in e2e_row(name, doc, threads):
+                    rows.append({**r, **sec.info})
+        rows.append({"model": name, "threads": 1, "label": "breakdown", **step_breakdown(path)})
+    return rows
+
+
+def step_breakdown(path: str, steps: int = 16) -> dict:
+    """ms per torch-sparse decode step in sparse Linears, other (dense) Linears, and the rest, 1 thread."""
+    from owlctl.engine.loading import load_model
+
+    torch.set_num_threads(1)
+    model, _tok, _info = load_model(path)
+    kl.sparsify(model, "auto", threads=1)
+    spent = {"sparse_linears": 0.0, "dense_linears": 0.0}
+
+    def timed(mod, key):
+        inner = mod.forward
+
+        def forward(*a, **k):
+            t = time.perf_counter()
+            out = inner(*a, **k)
+            spent[key] += time.perf_counter() - t
+            return out
+        mod.forward = forward
+
+    for mod in model.modules():
+        if isinstance(mod, kl.SparseLinear):
+            timed(mod, "sparse_linears")
+        elif isinstance(mod, torch.nn.Linear):
+            timed(mod, "dense_linears")
+    ids = torch.randint(0, model.config.vocab_size, (1, 128))
+    with torch.inference_mode():
+        out = model(input_ids=ids, use_cache=True)
+        past, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        for k in spent:
+            spent[k] = 0.0
+        t = time.perf_counter()
+        for _ in range(steps):
+            out = model(input_ids=nxt, past_key_values=past, use_cache=True)
+            past, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        wall = (time.perf_counter() - t) / steps
+    ms = {k: v / steps * 1e3 for k, v in spent.items()}
+    return {"step_ms": wall * 1e3, **{f"{k}_ms": v for k, v in ms.items()},
+            "rest_ms": wall * 1e3 - sum(ms.values()), "loadavg_1min": os.getloadavg()[0]}
+
+
+def render_e2e(rows: list[dict]) -> list[str]:
+    if not rows:
+        return []
+    lines = ["", "## End to end: `owlctl bench CKPT --backend torch-sparse|onnxruntime --threads T`", "",
+             "Prompt 128 random tokens, then greedy decode (32 steps for SmolLM2, 16 for the 1.1B model), median "
+             "of 3 runs after a warm-up; the torch-sparse command also runs the dense PyTorch row. Speed-up = "
+             "torch-sparse decode tok/s over the fastest dense runtime at the same thread count.", "",
+             "| model | threads | torch dense tok/s | onnxruntime tok/s | torch-sparse tok/s | vs fastest dense | "
+             "prefill tok/s dense / sparse | max abs diff (logits) | other CPUs |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    models = list(dict.fromkeys(r["model"] for r in rows))
+    for model in models:
+        for threads in (1, 2):
+            sel = [r for r in rows if r["model"] == model and r["threads"] == threads and r["label"] != "breakdown"]
+            dense = next((r for r in sel if r["backend"] == "torch"), None)
+            sparse = next((r for r in sel if r["backend"] == "torch-sparse"), None)
+            ort = next((r for r in sel if r["backend"] == "onnxruntime"), None)
+            if not dense or not sparse:
+                continue
+            best = max(dense["decode_tok_s"], ort["decode_tok_s"] if ort else 0.0)
+            load = max(r.get("other_cpus", float("nan")) for r in sel)
+            ort_s = f"{ort['decode_tok_s']:.2f}" if ort else "-"
+            lines.append(f"| {model} | {threads} | {dense['decode_tok_s']:.2f} | {ort_s} | "
+                         f"{sparse['decode_tok_s']:.2f} | **{sparse['decode_tok_s'] / best:.2f}x** | "
+                         f"{dense['prefill_tok_s']:.0f} / {sparse['prefill_tok_s']:.0f} | "
+                         f"{sparse['max_abs_diff_vs_torch']:.1e} | {load:.2f} |")
+    bd = [r for r in rows if r["label"] == "breakdown"]
+    if bd:
+        lines += ["", "Where a torch-sparse decode step goes (1 thread, ms per step):", "",
+                  "| model | step | sparse Linears | dense Linears (lm_head) | rest (attention, norms, Python) |",
+                  "|---|---:|---:|---:|---:|"]
+        for r in bd:
+            lines.append(f"| {r['model']} | {r['step_ms']:.1f} | {r['sparse_linears_ms']:.1f} | "
+                         f"{r['dense_linears_ms']:.1f} | {r['rest_ms']:.1f} |")
+    return lines
+
+
 def render(doc: dict) -> str:
     m, p = doc["machine"], doc["probe"]
     lines = [
@@ -186,7 +335,9 @@ def render(doc: dict) -> str:
         "",
         f"Machine: {m.get('cpu')} ({m['logical_cpus']} logical CPUs, shared with other jobs), torch {m['torch']}, "
         f"best kernel ISA `{m['kernel_isa_best']}`. Random {SPARSITY:.0%}-sparse matrices. Medians of "
-        f"{doc['reps']} interleaved repetitions; load average and CPU seconds per section are in the JSON.",
+        f"{doc['reps']} interleaved repetitions. Before each section the script waits until other processes use "
+        "< 0.2 CPUs; 'other CPUs' is what they used during it (CPUs' worth; the JSON also has load averages "
+        "and this process's CPU seconds).",
         "",
         f"Read bandwidth (probe, 1 GiB): **{p['gbps'][1]:.1f} GB/s at 1 thread, {p['gbps'][2]:.1f} GB/s at 2** "
         f"(load {p['loadavg_1min_before']:.1f}-{p['loadavg_1min_after']:.1f}).",
@@ -194,21 +345,21 @@ def render(doc: dict) -> str:
         "## Decode (T = 1), cold weights",
         "",
         "| shape (out x in) | dtype | threads | dense us | sparse us | speed-up | bytes sparse/dense | "
-        "sparse GB/s | % of probe | probe GB/s | dense GB/s | rel diff | load |",
+        "sparse GB/s | % of probe | probe GB/s | dense GB/s | rel diff | other CPUs |",
         "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in doc["decode"]:
         lines.append(f"| {r['shape'][0]}x{r['shape'][1]} | {r['dtype']} | {r['threads']} | {r['dense_us']:.0f} | "
                      f"{r['sparse_us']:.0f} | {r['speedup']:.2f} | {r['bytes_ratio']:.3f} | {r['sparse_gbps']:.1f} | "
                      f"{r['pct_of_probe']:.0f}% | {r['probe_gbps_near']:.1f} | {r['dense_gbps']:.1f} | "
-                     f"{r['rel_diff']:.1e} | {r['loadavg_1min_before']:.1f} |")
+                     f"{r['rel_diff']:.1e} | {r['other_cpus']:.2f} |")
     lines += ["", "## Prefill", "",
-              "| shape | dtype | T | threads | route | dense ms | sparse ms | speed-up | rel diff | load |",
+              "| shape | dtype | T | threads | route | dense ms | sparse ms | speed-up | rel diff | other CPUs |",
               "|---|---|---:|---:|---|---:|---:|---:|---:|---:|"]
     for r in doc["prefill"]:
         lines.append(f"| {r['shape'][0]}x{r['shape'][1]} | {r['dtype']} | {r['tokens']} | {r['threads']} | "
                      f"{r['route']} | {r['dense_ms']:.2f} | {r['sparse_ms']:.2f} | {r['speedup']:.2f} | "
-                     f"{r['rel_diff']:.1e} | {r['loadavg_1min_before']:.1f} |")
+                     f"{r['rel_diff']:.1e} | {r['other_cpus']:.2f} |")
     lines += ["", "## Decode with each ISA variant forced (1 thread)", "",
               "| shape | dtype | ISA | sparse us | dense us | speed-up | sparse GB/s | % of probe (near) |",
               "|---|---|---|---:|---:|---:|---:|---:|"]
@@ -216,6 +367,10 @@ def render(doc: dict) -> str:
         lines.append(f"| {r['shape'][0]}x{r['shape'][1]} | {r['dtype']} | {r['isa']} | {r['sparse_us']:.0f} | "
                      f"{r['dense_us']:.0f} | {r['speedup']:.2f} | {r['sparse_gbps']:.1f} | "
                      f"{r['pct_of_probe']:.0f}% |")
+    lines += render_e2e(doc.get("e2e", []))
+    notes = doc.get("notes")
+    if notes:
+        lines += ["", "## Notes", "", *notes]
     return "\n".join(lines) + "\n"
 
 
@@ -225,15 +380,28 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="3 repetitions, no T=2048, LLaMA shapes only 4096x4096")
     ap.add_argument("--sections", default="probe,decode,prefill,isa")
     ap.add_argument("--out", type=Path, default=ROOT / "docs" / "bench_kernels")
+    ap.add_argument("--e2e", action="append", default=[], metavar="NAME=CHECKPOINT",
+                    help="models for the e2e section (e.g. smollm2-135m-mag70=/tmp/mag70)")
+    ap.add_argument("--no-wait", action="store_true", help="do not wait for a quiet machine before sections")
     args = ap.parse_args()
+    global WAIT_QUIET
+    WAIT_QUIET = not args.no_wait
     reps = 3 if args.quick else args.reps
     sections = args.sections.split(",")
     shapes = SMOL + (LLAMA7B[:1] if args.quick else LLAMA7B)
+    old_path = args.out.with_suffix(".json")
+    old = json.loads(old_path.read_text()) if old_path.is_file() else {}
     doc: dict = {"schema": "owlctl.bench_kernels/1", "machine": machine(), "reps": reps, "sparsity": SPARSITY,
-                 "probe": {}, "decode": [], "prefill": [], "isa": []}
-    doc["probe"] = run_probe(reps) if "probe" in sections else {
-        "gbps": {1: float("nan"), 2: float("nan")}, "loadavg_1min_before": float("nan"),
-        "loadavg_1min_after": float("nan")}
+                 "probe": {}, "decode": [], "prefill": [], "isa": [], "e2e": []}
+    for key in ("probe", "decode", "prefill", "isa", "e2e", "notes"):  # sections not run keep their results
+        if key not in sections and key in old:
+            doc[key] = old[key]
+    if "probe" in sections:
+        doc["probe"] = run_probe(reps)
+    elif not doc["probe"]:
+        doc["probe"] = {"gbps": {1: float("nan"), 2: float("nan")}, "loadavg_1min_before": float("nan"),
+                        "loadavg_1min_after": float("nan")}
+    doc["probe"]["gbps"] = {int(k): v for k, v in doc["probe"]["gbps"].items()}  # JSON keys are strings
     if "decode" in sections:
         for shape in shapes:
             for dt in DTYPES:
@@ -248,6 +416,8 @@ def main() -> int:
         for shape in (SMOL[1], LLAMA7B[0]):
             for dt in DTYPES:
                 doc["isa"] += decode_case(shape, dt, (1,), reps, isas=kl.ISAS[1:])
+    if "e2e" in sections and args.e2e:
+        doc["e2e"] = run_e2e(dict(m.split("=", 1) for m in args.e2e))
     doc["loadavg_end"] = os.getloadavg()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(doc, indent=1) + "\n")

@@ -502,3 +502,16 @@ def test_compat_layer_keeps_the_old_entry_points():
     with torch.inference_mode():
         _assert_close(sl(x), x, lin)
     assert sys.modules["owlctl.engine.sparse_kernels"].__all__
+
+
+def test_bench_passes_threads_and_forced_isa(pruned_tiny):
+    from owlctl.ops.bench import BenchConfig, bench
+
+    doc = bench(BenchConfig(model=str(pruned_tiny(0.7)), backend="torch-sparse", prompt_len=8, new_tokens=3, runs=3,
+                            threads=2, sparse_kernel="bitmask-portable"))
+    sparse = doc["rows"][1]
+    assert sparse["kernel"] == "bitmask" and sparse["max_abs_diff_vs_torch"] < 1e-4
+    info = sparse["details"]["sparse"]
+    assert (info["isa"], info["threads"]) == ("portable", 2)
+    with pytest.raises(InputError, match="unknown sparse kernel"):
+        bench(BenchConfig(model=str(pruned_tiny(0.7)), backend="torch-sparse", sparse_kernel="bitmask-sse9"))

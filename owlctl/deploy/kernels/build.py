@@ -40,7 +40,7 @@ from owlctl.errors import OwlctlError
 SOURCE = Path(__file__).with_name("owlsparse.c")
 FLAGS = ("-O3", "-fPIC", "-shared", "-pthread", "-std=gnu11", "-ffp-contract=fast", "-fvisibility=hidden",
          "-Wno-psabi")
-ABI = 1  # OWL_ABI in owlsparse.c
+ABI = 2  # OWL_ABI in owlsparse.c
 MANIFEST_SCHEMA = "owlctl.kernel/1"
 ISAS = {"portable": 0, "avx2": 1, "avx512": 2, "avx512vbmi2": 3}
 

@@ -7,13 +7,16 @@ own dtype (float32, bfloat16 or float16), plus int64 row offsets. Bytes per weig
 d x value size + 1/8, so a 70%-sparse matrix moves 0.33x the bytes of dense in float32 and 0.36x in bfloat16
 (decode is memory bound, so that ratio is the speed-up to aim for). Products accumulate in float32; the
 activations are converted to float32 once per call and the output is written in the input's dtype.
+Routes by token count T: 1 (decode), 2-9 (one expansion feeds several tokens), more (tiles of 64 tokens);
+16-bit weights take torch's dense GEMM on the densified matrix from ``DENSE_FROM_TOKENS`` tokens on where
+the CPU has bf16/fp16 GEMM units.
 
 Kernels (``kernel=``):
-  ``bitmask``    owlctl's own; ``isa`` picks the variant: ``avx512`` (masked expand), ``avx2`` (lookup-table
-                 permute), ``portable`` (plain C), ``auto`` = the best this CPU has. All multi-threaded
-                 (``threads``, default: the CPUs this process may use), rows split by nonzero bytes.
-                 ``bitmask-avx512`` / ``bitmask-avx2`` / ``bitmask-portable`` force the variant by name;
-                 ``csr`` (the old portable CSR kernel) is accepted as ``bitmask-portable``.
+  ``bitmask``    owlctl's own; ``isa`` picks the variant: ``avx512vbmi2`` (masked expand, vpexpandw for
+                 16-bit values), ``avx512``, ``avx2`` (lookup-table permute), ``portable`` (plain C), ``auto``
+                 = the best this CPU has. All multi-threaded (``threads``, default: the CPUs this process
+                 may use), rows split by nonzero bytes. ``bitmask-<isa>`` forces a variant by name; ``csr``
+                 (the old portable CSR kernel) is accepted as ``bitmask-portable``.
   ``torch-csr`` / ``torch-bsr``  torch's own sparse formats (``to_sparse_csr/bsr`` + ``addmm``), kept as the
                  comparison (slower than dense on the CPUs measured) and as the fallback without a compiler.
   ``auto``       ``bitmask`` with the best ISA; ``torch-csr`` (with a warning) when no C compiler exists.
@@ -120,7 +123,7 @@ def resolve_kernel(kernel: str, isa: str = "auto") -> tuple[str, str]:
 class SparseLinear(nn.Module):
     """A Linear whose weight is stored in the bitmask format. Same inputs and outputs as ``nn.Linear``
     (any leading dims; float32 / bfloat16 / float16 input computed directly, other float dtypes through
-    float32); inference only. ``threads`` (>= 1) and ``isa`` (auto | avx512 | avx2 | portable) may be
+    float32); inference only. ``threads`` (>= 1), ``isa`` (see ``ISAS``) and ``dense_from_tokens`` may be
     changed after construction."""
 
     def __init__(self, linear: nn.Linear, threads: int | None = None, isa: str = "auto") -> None:

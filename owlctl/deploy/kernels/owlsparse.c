@@ -50,8 +50,10 @@
 #define OWL_API __attribute__((visibility("default")))
 #define OWL_INLINE static inline __attribute__((always_inline))
 
-#define OWL_ABI 1           /* bumped when a signature or owl_mat changes; checked by linear.py */
+#define OWL_ABI 2           /* bumped when a signature or owl_mat changes; checked by linear.py */
 #define OWL_MAX_THREADS 256
+#define OWL_CHUNKS_PER_THREAD 4  /* row chunks per thread, claimed dynamically */
+#define OWL_MAX_CHUNKS (OWL_CHUNKS_PER_THREAD * OWL_MAX_THREADS)
 #define OWL_VPAD 32         /* zeros after the last value (the widest read is 16 values from a nonzero) */
 #define OWL_TT 64           /* tokens per tile (4 vectors of 16) */
 #define OWL_KC 8            /* mask words (of 16 inputs) per chunk at 64 tokens: 128 x 64 x 4 B = 32 KiB */
@@ -186,19 +188,35 @@ OWL_API int owl_isa_best(void) {
 
 /* ------------------------------------------------------------------ thread pool */
 
+/* A job is nchunks calls fn(ctx, c, nchunks). Kernel jobs are dynamic: the caller and the woken workers
+   claim chunks from an atomic counter (4 per thread, cut at balanced row boundaries), so a worker that
+   wakes late, or is descheduled because the core is busy (torch's own OpenMP threads spin there between
+   ops), costs nothing: the caller takes its chunks. The caller never waits for a worker that has not
+   joined: it closes the job when the chunks run out and waits only for the workers inside. Joining is a
+   compare-and-swap on (generation << 32 | CLOSED | active count), so a worker woken for an older job
+   never touches the current one. One job runs at a time (owl_call_mu), so its fields are global.
+   Static jobs (the bandwidth probe) give chunk p to thread p and wait for all of them: the probe needs
+   its threads reading at the same time. */
 typedef void (*owl_fn)(void *ctx, int part, int nparts);
-typedef struct {
+
+#define OWL_CLOSED (1ull << 31)
+#define OWL_ACTIVE 0x7fffffffull
+
+static struct {
     owl_fn fn;
     void *ctx;
-    int nparts;
-    atomic_int pending;
+    int nchunks, is_static;
+    atomic_int next;           /* dynamic: next unclaimed chunk */
+    atomic_int done;           /* static: chunks finished by workers */
+    _Atomic uint64_t state;    /* generation << 32 | OWL_CLOSED | workers inside */
 } owl_job;
+static uint32_t owl_job_gen;
 
 typedef struct {
-    _Alignas(64) atomic_uint gen;  /* bumped by the caller for each job; the worker waits for a change */
+    _Alignas(64) atomic_uint gen;  /* bumped by the caller to wake this worker; it waits for a change */
     atomic_int sleeping;
+    atomic_uint job_gen;           /* the job generation it was woken for */
     unsigned start_gen;
-    owl_job *job;
     int index;
     pthread_mutex_t mu;
     pthread_cond_t cv;
@@ -208,7 +226,7 @@ typedef struct {
 static owl_slot owl_slots[OWL_MAX_THREADS];
 static int owl_nworkers;            /* workers running in slots 1..owl_nworkers */
 static int owl_default_threads = 1;
-static atomic_long owl_spin_ns = 50000;  /* how long an idle worker polls before it sleeps */
+static atomic_long owl_spin_ns = 0; /* how long an idle worker polls before it sleeps (owl_set_spin_us) */
 static atomic_long owl_tile_from = 10;   /* token count from which the tile kernel beats the few-token one */
 static pthread_mutex_t owl_call_mu = PTHREAD_MUTEX_INITIALIZER;  /* one kernel call at a time */
 
@@ -226,7 +244,10 @@ OWL_INLINE void owl_pause(void) {
 #endif
 }
 
-static unsigned owl_wait_job(owl_slot *s, unsigned seen) {
+/* Wait for the slot's wake counter to move past `seen`: poll for owl_spin_ns (default 0: on a shared or
+   small machine a polling worker takes the core from threads that have work, measured 2x slower end to
+   end), then sleep on the condition variable. */
+static unsigned owl_wait_wake(owl_slot *s, unsigned seen) {
     unsigned g;
     const long budget = atomic_load_explicit(&owl_spin_ns, memory_order_relaxed);
     if (budget > 0) {
@@ -234,29 +255,45 @@ static unsigned owl_wait_job(owl_slot *s, unsigned seen) {
         for (unsigned i = 1;; ++i) {
             if ((g = atomic_load_explicit(&s->gen, memory_order_acquire)) != seen) return g;
             owl_pause();
-            if ((i & 63) == 0) {
-                const uint64_t dt = owl_now_ns() - t0;
-                if (dt > (uint64_t)budget) break;
-                if (dt > (uint64_t)budget / 4) sched_yield();  /* let another runnable thread have this core */
-            }
+            if ((i & 63) == 0 && owl_now_ns() - t0 > (uint64_t)budget) break;
         }
     }
     pthread_mutex_lock(&s->mu);
-    atomic_store(&s->sleeping, 1);  /* seq_cst, pairs with the caller's gen bump then sleeping check */
+    atomic_store(&s->sleeping, 1);  /* seq_cst, pairs with the caller's wake bump then sleeping check */
     while ((g = atomic_load(&s->gen)) == seen) pthread_cond_wait(&s->cv, &s->mu);
     atomic_store(&s->sleeping, 0);
     pthread_mutex_unlock(&s->mu);
     return g;
 }
 
+static void owl_chunks(void) {
+    const int n = owl_job.nchunks;
+    for (int c; (c = atomic_fetch_add_explicit(&owl_job.next, 1, memory_order_relaxed)) < n;)
+        owl_job.fn(owl_job.ctx, c, n);
+}
+
+/* Join the job of generation g if it is still open, help, leave. */
+static void owl_help(int index, uint32_t g) {
+    uint64_t st = atomic_load_explicit(&owl_job.state, memory_order_acquire);
+    do {
+        if ((uint32_t)(st >> 32) != g || (st & OWL_CLOSED)) return;  /* too late: not ours any more */
+    } while (!atomic_compare_exchange_weak_explicit(&owl_job.state, &st, st + 1, memory_order_acq_rel,
+                                                    memory_order_acquire));
+    if (owl_job.is_static) {
+        owl_job.fn(owl_job.ctx, index, owl_job.nchunks);
+        atomic_fetch_add_explicit(&owl_job.done, 1, memory_order_release);
+    } else {
+        owl_chunks();
+    }
+    atomic_fetch_sub_explicit(&owl_job.state, 1, memory_order_release);
+}
+
 static void *owl_worker(void *arg) {
     owl_slot *s = arg;
     unsigned seen = s->start_gen;
     for (;;) {
-        seen = owl_wait_job(s, seen);
-        owl_job *j = s->job;
-        j->fn(j->ctx, s->index, j->nparts);
-        atomic_fetch_sub_explicit(&j->pending, 1, memory_order_release);
+        seen = owl_wait_wake(s, seen);
+        owl_help(s->index, atomic_load_explicit(&s->job_gen, memory_order_acquire));
     }
     return NULL;
 }
@@ -266,9 +303,10 @@ static void owl_pool_atfork_child(void) {
     owl_nworkers = 0;
     pthread_mutex_t fresh = PTHREAD_MUTEX_INITIALIZER;
     owl_call_mu = fresh;
+    atomic_store(&owl_job.state, (uint64_t)owl_job_gen << 32 | OWL_CLOSED);
 }
 
-/* Make sure nparts - 1 workers run; returns how many parts can run (fewer if threads cannot be made). */
+/* Make sure nparts - 1 workers run; returns how many threads can run (fewer if threads cannot be made). */
 static int owl_pool_ensure(int nparts) {
     if (nparts > OWL_MAX_THREADS) nparts = OWL_MAX_THREADS;
     if (nparts - 1 <= owl_nworkers) return nparts;
@@ -294,21 +332,24 @@ static int owl_pool_ensure(int nparts) {
     return owl_nworkers + 1 < nparts ? owl_nworkers + 1 : nparts;
 }
 
-/* Run fn(ctx, p, nparts) for p in [0, nparts): part 0 on the calling thread, the others on workers
-   (owl_pool_ensure(nparts) must have returned nparts). */
-static void owl_run(owl_fn fn, void *ctx, int nparts) {
-    if (nparts <= 1) {
-        fn(ctx, 0, 1);
+/* Run the nchunks chunks of fn on the calling thread and up to nthreads - 1 workers
+   (owl_pool_ensure(nthreads) must have returned nthreads; static jobs need nchunks == nthreads). */
+static void owl_run_job(owl_fn fn, void *ctx, int nchunks, int nthreads, int is_static) {
+    if (nthreads <= 1 || nchunks <= 1) {
+        for (int c = 0; c < nchunks; ++c) fn(ctx, c, nchunks);
         return;
     }
-    owl_job j;
-    j.fn = fn;
-    j.ctx = ctx;
-    j.nparts = nparts;
-    atomic_init(&j.pending, nparts - 1);
-    for (int i = 1; i < nparts; ++i) {
+    const uint32_t g = ++owl_job_gen;
+    owl_job.fn = fn;
+    owl_job.ctx = ctx;
+    owl_job.nchunks = nchunks;
+    owl_job.is_static = is_static;
+    atomic_store_explicit(&owl_job.next, 0, memory_order_relaxed);
+    atomic_store_explicit(&owl_job.done, 0, memory_order_relaxed);
+    atomic_store_explicit(&owl_job.state, (uint64_t)g << 32, memory_order_release);  /* publishes the fields */
+    for (int i = 1; i < nthreads; ++i) {
         owl_slot *s = &owl_slots[i];
-        s->job = &j;
+        atomic_store_explicit(&s->job_gen, g, memory_order_release);
         atomic_fetch_add(&s->gen, 1u);
         if (atomic_load(&s->sleeping)) {
             pthread_mutex_lock(&s->mu);
@@ -316,11 +357,26 @@ static void owl_run(owl_fn fn, void *ctx, int nparts) {
             pthread_mutex_unlock(&s->mu);
         }
     }
-    fn(ctx, 0, nparts);
-    for (unsigned i = 1; atomic_load_explicit(&j.pending, memory_order_acquire) > 0; ++i) {
-        owl_pause();
-        if ((i & 1023) == 0) sched_yield();  /* a worker may have been descheduled */
+    if (is_static) {
+        fn(ctx, 0, nchunks);
+        for (unsigned i = 1; atomic_load_explicit(&owl_job.done, memory_order_acquire) < nthreads - 1; ++i)
+            if (i < 256) owl_pause(); else sched_yield();  /* a worker may be waiting for this core */
+    } else {
+        owl_chunks();
     }
+    const uint64_t st = atomic_fetch_or_explicit(&owl_job.state, OWL_CLOSED, memory_order_acq_rel);
+    /* only workers that joined and hold a chunk remain; one may have been preempted, possibly onto this very
+       core, so after a short poll give the core away rather than spin out a scheduler time slice */
+    unsigned i = 0;
+    for (uint64_t a = st & OWL_ACTIVE; a; a = atomic_load_explicit(&owl_job.state, memory_order_acquire) & OWL_ACTIVE)
+        if (++i < 256) owl_pause(); else sched_yield();
+}
+
+static void owl_run(owl_fn fn, void *ctx, int nparts) { owl_run_job(fn, ctx, nparts, nparts, 1); }
+
+/* Dynamic job of nchunks chunks on nthreads threads. */
+static void owl_run_dyn(owl_fn fn, void *ctx, int nchunks, int nthreads) {
+    owl_run_job(fn, ctx, nchunks, nthreads, 0);
 }
 
 OWL_API int owl_set_threads(int n) {
@@ -349,8 +405,8 @@ typedef struct {
     const void *vals;
     const int64_t *rp;
     const float *bias;
-    int64_t nsplit;                        /* split holds nsplit + 1 row boundaries */
-    int64_t split[OWL_MAX_THREADS + 1];
+    int64_t nsplit;                        /* split holds nsplit + 1 row boundaries (chunks) */
+    int64_t split[OWL_MAX_CHUNKS + 1];
 } owl_mat;
 
 OWL_API int64_t owl_mat_size(void) { return (int64_t)sizeof(owl_mat); }
@@ -359,6 +415,13 @@ OWL_API int64_t owl_mat_size(void) { return (int64_t)sizeof(owl_mat); }
 static int64_t owl_cost(const owl_mat *m, int64_t r) {
     const int64_t vb = m->vdtype == OWL_F32 ? 4 : 2;
     return m->rp[r] * vb + r * (m->ng * 2 + 64);
+}
+
+/* Chunks for a job on nthreads threads: one per thread would leave the caller idle whenever a worker
+   is late; a few per thread let whoever is running take the next. */
+static int owl_nchunks(const owl_mat *m, int nthreads) {
+    const int64_t n = nthreads <= 1 ? 1 : (int64_t)nthreads * OWL_CHUNKS_PER_THREAD;
+    return (int)(n < m->n_out ? n : m->n_out);
 }
 
 static void owl_make_split(owl_mat *m, int nparts) {
@@ -407,7 +470,7 @@ OWL_API int owl_mat_init(owl_mat *m, int64_t n_out, int64_t n_in, int64_t ng, in
     m->vals = vals;
     m->rp = rp;
     m->bias = bias;
-    owl_make_split(m, threads < 1 ? 1 : threads > OWL_MAX_THREADS ? OWL_MAX_THREADS : threads);
+    owl_make_split(m, owl_nchunks(m, threads < 1 ? 1 : threads > OWL_MAX_THREADS ? OWL_MAX_THREADS : threads));
     return OWL_OK;
 }
 
@@ -676,7 +739,8 @@ OWL_T5V OWL_INLINE void owl5v_word(const void *vals_, int vd, uint64_t w, int64_
     __asm__("" : "+r"(whi));
     const __m512i e0 = _mm512_maskz_expand_epi16(_cvtu32_mask32((uint32_t)w),
                                                  _mm512_loadu_si512((const void *)(vals + off)));
-    const __m512i e1 = _mm512_maskz_expand_epi16(_cvtu32_mask32(whi), _mm512_loadu_si512((const void *)(vals + off + o2)));
+    const __m512i e1 = _mm512_maskz_expand_epi16(_cvtu32_mask32(whi),
+                                                 _mm512_loadu_si512((const void *)(vals + off + o2)));
     __m512 w0, w1, w2, w3;
     if (vd == OWL_BF16) {
         const __m512i hi16 = _mm512_set1_epi32((int)0xffff0000u);
@@ -746,7 +810,8 @@ OWL_T5V OWL_INLINE void owl5v_expand4(const void *vals_, int vd, uint64_t w, int
     __asm__("" : "+r"(whi));
     const __m512i e0 = _mm512_maskz_expand_epi16(_cvtu32_mask32((uint32_t)w),
                                                  _mm512_loadu_si512((const void *)(vals + off)));
-    const __m512i e1 = _mm512_maskz_expand_epi16(_cvtu32_mask32(whi), _mm512_loadu_si512((const void *)(vals + off + o2)));
+    const __m512i e1 = _mm512_maskz_expand_epi16(_cvtu32_mask32(whi),
+                                                 _mm512_loadu_si512((const void *)(vals + off + o2)));
     if (vd == OWL_BF16) {
         const __m512i hi16 = _mm512_set1_epi32((int)0xffff0000u);
         wv[0] = _mm512_castsi512_ps(_mm512_slli_epi32(e0, 16));
@@ -1158,7 +1223,9 @@ OWL_INLINE void owl_mm_store(const owl_mat *m, const float *yb, int64_t r0, int6
         }                                                                                                         \
     }                                                                                                             \
     /* the value dtype stays a run-time argument: it only matters once per row chunk (VALS) */                 \
-    ATTR static void P##_mm_rows(const owl_ctx *c, int64_t r0, int64_t r1) { P##_mm_rows_t(c, r0, r1, (int)c->m->vdtype); }
+    ATTR static void P##_mm_rows(const owl_ctx *c, int64_t r0, int64_t r1) {                                      \
+        P##_mm_rows_t(c, r0, r1, (int)c->m->vdtype);                                                              \
+    }
 
 OWL_DEFINE_MM(owlp, , owlp_cols, owlp_vals)
 #if OWL_X86
@@ -1237,11 +1304,12 @@ OWL_API int owl_linear(owl_mat *m, const void *x, void *y, int64_t T, int xdtype
     if (isa < 0) isa = owl_isa_best();
     if (!owl_isa_ok(isa)) return OWL_EISA;
     pthread_mutex_lock(&owl_call_mu);
-    int nparts = threads > 0 ? threads : owl_default_threads;
-    if (nparts > OWL_MAX_THREADS) nparts = OWL_MAX_THREADS;
-    if (nparts > m->n_out) nparts = (int)m->n_out;
-    if (nparts < 1) nparts = 1;
-    nparts = owl_pool_ensure(nparts);  /* fewer if the system refuses threads: the split follows */
+    int nthreads = threads > 0 ? threads : owl_default_threads;
+    if (nthreads > OWL_MAX_THREADS) nthreads = OWL_MAX_THREADS;
+    if (nthreads > m->n_out) nthreads = (int)m->n_out;
+    if (nthreads < 1) nthreads = 1;
+    nthreads = owl_pool_ensure(nthreads);  /* fewer if the system refuses threads */
+    const int nparts = owl_nchunks(m, nthreads);
     if (m->nsplit != nparts) owl_make_split(m, nparts);
     owl_ctx c;
     memset(&c, 0, sizeof c);
@@ -1262,7 +1330,7 @@ OWL_API int owl_linear(owl_mat *m, const void *x, void *y, int64_t T, int xdtype
             xs += npad;
         }
         c.x = xs;
-        owl_run(owl_mv_part, &c, nparts);
+        owl_run_dyn(owl_mv_part, &c, nparts, nthreads);
     } else if (T < atomic_load_explicit(&owl_tile_from, memory_order_relaxed)) {
         owl_mt_job j;
         memset(&j, 0, sizeof j);
@@ -1274,7 +1342,8 @@ OWL_API int owl_linear(owl_mat *m, const void *x, void *y, int64_t T, int xdtype
         float *xo = evenodd ? xs + tpad * npad : xs;
         for (int64_t t = 0; t < tpad; ++t) {
             float *row = xs + t * npad;
-            for (int64_t i = 0; i < npad; ++i) row[i] = t < T && i < m->n_in ? owl_load_val(x, t * m->n_in + i, xdtype) : 0.f;
+            for (int64_t i = 0; i < npad; ++i)
+                row[i] = t < T && i < m->n_in ? owl_load_val(x, t * m->n_in + i, xdtype) : 0.f;
             if (evenodd) owl_x_evenodd(xo + t * npad, row, npad);
         }
         j.mt.m = m;
@@ -1284,7 +1353,7 @@ OWL_API int owl_linear(owl_mat *m, const void *x, void *y, int64_t T, int xdtype
         j.mt.ydtype = ydtype;
         j.mt.nt = nt;
         j.isa = isa;
-        owl_run(owl_mt_part, &j, nparts);
+        owl_run_dyn(owl_mt_part, &j, nparts, nthreads);
     } else {
         const int64_t st_tokens = (int64_t)OWL_TT * OWL_ST;
         const int64_t first = T < st_tokens ? T : st_tokens;
@@ -1298,10 +1367,10 @@ OWL_API int owl_linear(owl_mat *m, const void *x, void *y, int64_t T, int xdtype
             c.t0 = t0;
             c.ntile = (n + OWL_TT - 1) / OWL_TT;
             c.tn_last = n - (c.ntile - 1) * OWL_TT;
-            int tparts = nparts;
-            if (tparts > c.ntile * (npad / 64)) tparts = (int)(c.ntile * (npad / 64));
-            owl_run(owl_transpose_part, &c, tparts);
-            owl_run(owl_mm_part, &c, nparts);
+            int64_t tparts = (int64_t)nthreads * OWL_CHUNKS_PER_THREAD;
+            if (tparts > c.ntile * (npad / 64)) tparts = c.ntile * (npad / 64);
+            owl_run_dyn(owl_transpose_part, &c, (int)tparts, nthreads);
+            owl_run_dyn(owl_mm_part, &c, nparts, nthreads);
         }
     }
 out:
@@ -1338,7 +1407,8 @@ OWL_T5V static void owl5v_densify_rows(const owl_mat *m, void *out, int64_t r0, 
                 const float *v = (const float *)m->vals + off;
                 const __mmask16 k0 = _cvtu32_mask16(w & 0xffffu), k1 = _cvtu32_mask16(w >> 16);
                 _mm512_storeu_ps((float *)d, _mm512_maskz_expand_ps(k0, _mm512_loadu_ps(v)));
-                _mm512_storeu_ps((float *)d + 16, _mm512_maskz_expand_ps(k1, _mm512_loadu_ps(v + _mm_popcnt_u32(w & 0xffffu))));
+                const __m512 hi = _mm512_loadu_ps(v + _mm_popcnt_u32(w & 0xffffu));
+                _mm512_storeu_ps((float *)d + 16, _mm512_maskz_expand_ps(k1, hi));
             }
             if (b >= full) {
                 const int64_t start = b * 32, n = m->n_in - start < 32 ? m->n_in - start : 32;
@@ -1380,11 +1450,13 @@ OWL_API int owl_densify(owl_mat *m, void *out, int64_t r0, int64_t r1, int threa
     if (!m || m->abi != OWL_ABI || !out || r0 < 0 || r1 > m->n_out || r0 >= r1) return OWL_EARG;
     pthread_once(&owl_once, owl_init_once);
     pthread_mutex_lock(&owl_call_mu);
-    int nparts = threads > 0 ? threads : owl_default_threads;
-    if (nparts > r1 - r0) nparts = (int)(r1 - r0);
-    nparts = owl_pool_ensure(nparts < 1 ? 1 : nparts);
+    int nthreads = threads > 0 ? threads : owl_default_threads;
+    if (nthreads > OWL_MAX_THREADS) nthreads = OWL_MAX_THREADS;
+    nthreads = owl_pool_ensure(nthreads < 1 ? 1 : nthreads);
+    int64_t nchunks = nthreads <= 1 ? 1 : (int64_t)nthreads * OWL_CHUNKS_PER_THREAD;
+    if (nchunks > r1 - r0) nchunks = r1 - r0;
     owl_dense_ctx c = {m, out, r0, r1};
-    owl_run(owl_densify_part, &c, nparts);
+    owl_run_dyn(owl_densify_part, &c, (int)nchunks, nthreads);
     pthread_mutex_unlock(&owl_call_mu);
     return OWL_OK;
 }
