@@ -225,7 +225,7 @@ def e2e_row(name: str, bench_doc: dict, threads: int) -> list[dict]:
         out.append({"model": name, "threads": threads, "label": r["label"], "backend": r["backend"],
                     "kernel": r.get("kernel"), "decode_tok_s": r["decode"]["tokens_per_s"],
                     "decode_tok_s_runs": r["decode"]["tokens_per_s_runs"],
-                    "prefill_tok_s": r["prefill"]["tokens_per_s"], "weights_mb": r["memory"]["weights_mb"],
+                    "prefill_tok_s": r["prefill"]["tokens_per_s"], "weights_mb": r["memory"].get("weights_mb"),
                     "max_abs_diff_vs_torch": r["max_abs_diff_vs_torch"],
                     "settings": {k: bench_doc["settings"][k] for k in ("prompt_len", "new_tokens", "runs")},
                     "sparse": (r.get("details") or {}).get("sparse")})
@@ -402,28 +402,35 @@ def main() -> int:
         doc["probe"] = {"gbps": {1: float("nan"), 2: float("nan")}, "loadavg_1min_before": float("nan"),
                         "loadavg_1min_after": float("nan")}
     doc["probe"]["gbps"] = {int(k): v for k, v in doc["probe"]["gbps"].items()}  # JSON keys are strings
+    def save() -> str:  # after every section: a crash or an interruption keeps what was measured
+        doc["loadavg_end"] = os.getloadavg()
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.with_suffix(".json").write_text(json.dumps(doc, indent=1) + "\n")
+        text = render(doc)
+        args.out.with_suffix(".md").write_text(text)
+        return text
+
+    save()
     if "decode" in sections:
         for shape in shapes:
             for dt in DTYPES:
                 doc["decode"] += decode_case(shape, dt, (1, 2), reps)
+        save()
     if "prefill" in sections:
         for shape in SMOL + LLAMA7B[:1]:
             for dt in DTYPES:
                 for tokens in (128,) if args.quick else (128, 2048):
                     for threads in (1, 2):
                         doc["prefill"].append(prefill_case(shape, dt, tokens, threads, max(3, reps - 2)))
+        save()
     if "isa" in sections:
         for shape in (SMOL[1], LLAMA7B[0]):
             for dt in DTYPES:
                 doc["isa"] += decode_case(shape, dt, (1,), reps, isas=kl.ISAS[1:])
+        save()
     if "e2e" in sections and args.e2e:
         doc["e2e"] = run_e2e(dict(m.split("=", 1) for m in args.e2e))
-    doc["loadavg_end"] = os.getloadavg()
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps(doc, indent=1) + "\n")
-    text = render(doc)
-    args.out.with_suffix(".md").write_text(text)
-    print(text)
+    print(save())
     return 0
 
 

@@ -426,6 +426,10 @@ def test_library_without_manifest_is_rebuilt_not_loaded(fresh_cache, tmp_path):
     build.reset_for_tests()
     build.library()  # second load: verified, not rebuilt
     assert _artifacts(fresh_cache) == (so, manifest) and so.stat().st_mtime_ns == mtime
+    so.unlink()  # a manifest without its library: rebuilt as well
+    build.reset_for_tests()
+    build.library()
+    assert so.is_file() and json.loads(manifest.read_text())["sha256"] == hashlib.sha256(so.read_bytes()).hexdigest()
 
 
 def test_planted_library_is_refused_and_never_runs(fresh_cache, tmp_path):

@@ -14,7 +14,7 @@ Loading a shared library runs its code, and the key is computable by anyone, so 
     owner and no group/world write bit;
   - the library's sha256 must equal the manifest's. The file is opened once and the same descriptor is
     hashed, checked and loaded (``/proc/self/fd/N`` on Linux), so it cannot be swapped in between;
-  - a library without a manifest is rebuilt, never loaded.
+  - a library without a manifest (or a manifest without its library) is rebuilt, never loaded.
 A failed check raises ``KernelIntegrityError`` naming the path and the fix (remove it, fix permissions,
 or use a private ``OWLCTL_CACHE``); it is never silently skipped. A missing compiler or a failed build
 raises ``KernelUnavailableError``; callers that asked for ``auto`` fall back to torch's own kernels.
@@ -234,8 +234,8 @@ def _build_and_load() -> Any:
     key = _key(inputs)
     so, manifest = d / f"owlsparse-{key}.so", d / f"owlsparse-{key}.json"
     with _dir_lock(d):
-        if not os.path.lexists(manifest):  # never load a library nobody vouched for: rebuild it
-            _compile(cc, d, so, manifest, inputs)
+        if not os.path.lexists(manifest) or not os.path.lexists(so):
+            _compile(cc, d, so, manifest, inputs)  # never load a library nobody vouched for: rebuild it
         fd = _verified_fd(so, manifest)
         try:
             return _dlopen_fd(fd, so)
