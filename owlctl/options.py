@@ -106,8 +106,15 @@ class ExportFormat(Choice):
 
 
 class SparseKernel(Choice):
+    """owlctl.deploy.kernels.KERNELS (a test keeps the two lists equal): bitmask with the best ISA, a forced
+    ISA, ``csr`` (the old portable kernel's name, now bitmask-portable), or torch's own sparse formats."""
+
     auto = "auto"
     bitmask = "bitmask"
+    bitmask_avx512vbmi2 = "bitmask-avx512vbmi2"
+    bitmask_avx512 = "bitmask-avx512"
+    bitmask_avx2 = "bitmask-avx2"
+    bitmask_portable = "bitmask-portable"
     csr = "csr"
     torch_csr = "torch-csr"
     torch_bsr = "torch-bsr"
