@@ -12,6 +12,7 @@ HELP = """Benchmark prefill and decode speed, per-step latency and memory; dense
 A prompt of --prompt-len random tokens (x --batch-size) is prefilled, then --new-tokens greedy decode steps
 run through the KV cache. Warm-up runs are excluded; tokens/s is the median of --runs (>= 3) runs, and
 p50/p90/p99 pool every timed decode step. Each row checks its first logits against PyTorch's dense forward.
+The model is loaded whole into memory (a benchmark of a model that does not fit would measure the disk).
 
 \b
 Backends:

@@ -20,6 +20,8 @@ with PyTorch before anything is published (error above --tolerance). This replac
 --format packed stores each prunable weight as its nonzero values plus a bitmask (1 bit per weight), all
 other tensors dense, in one safetensors file with a JSON header (owlctl.packed/1). owlctl loads it back
 bit-exactly; `owlctl eval` and `owlctl bench` accept the directory as MODEL.
+This command loads the whole model into memory (there is no --offload here; profile, prune, nm, eval and
+pipeline stream models larger than memory).
 
 \b
 Examples:

@@ -18,6 +18,8 @@ mask (reporting how much of the update the mask removed); masked-lora trains the
 the mask, so the merged model is exactly the trained one. --adapter-only saves the unmerged peft adapter.
 Eval loss and perplexity are measured before and after on the data's validation split. Multi-GPU and
 multi-node: run it under `accelerate launch -m owlctl finetune ...`.
+This command loads the whole model into memory (there is no --offload here; profile, prune, nm, eval and
+pipeline stream models larger than memory).
 
 \b
 Examples:

@@ -34,6 +34,15 @@ def peak_rss_mb() -> float:
     return r / (1024 * 1024) if sys.platform == "darwin" else r / 1024
 
 
+def peak_cuda_mb() -> float | None:
+    """Peak memory PyTorch's CUDA allocator handed out in this process (MiB), or None when CUDA was never used
+    (the GPU counterpart of ``peak_rss_mb``; torch is not imported for it)."""
+    torch = sys.modules.get("torch")
+    if torch is None or not torch.cuda.is_initialized():
+        return None
+    return torch.cuda.max_memory_allocated() / 2**20
+
+
 def settle_memory() -> None:
     """Free what can be freed and reset the kernel's peak-RSS counter, so the next peak is its own."""
     gc.collect()

@@ -138,6 +138,7 @@ class ProfileDoc(Envelope, kw_only=True):
     blocks: list[ProfileBlock]
     output: Optional[str] = None
     peak_rss_mb: Optional[float] = None
+    peak_cuda_mb: Optional[float] = None
 
 
 # ------------------------------------------------------------------------------------------------ allocation
@@ -246,6 +247,7 @@ class PruneDoc(Envelope, kw_only=True):
     calibration: Optional[Calibration]
     peak_rss_mb: float
     model_mb: float
+    peak_cuda_mb: Optional[float] = None
 
 
 # ------------------------------------------------------------------------------------------------ eval

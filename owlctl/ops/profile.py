@@ -55,6 +55,7 @@ def _profile(cfg: ProfileConfig, ms: tuple[float, ...], progress: Any) -> dict:
     check_seqlen(seqlen, config, cfg.model)
     with output_claim(cfg.output, cfg.force, "file", inputs=model_inputs(cfg.model)) as claim:
         from owlctl.engine.data import calibration
+        from owlctl.engine.memory import peak_cuda_mb
         from owlctl.engine.models import load_tokenizer, local_dir, open_model, resolve_device
         from owlctl.ops.common import peak_rss_mb, resolve_bos
 
@@ -75,4 +76,5 @@ def _profile(cfg: ProfileConfig, ms: tuple[float, ...], progress: Any) -> dict:
             from owlctl.formats._io import write_claimed
 
             write_claimed(claim, "profile", doc)
-    return {**doc, "output": str(cfg.output) if cfg.output else None, "peak_rss_mb": round(peak_rss_mb(), 1)}
+    return {**doc, "output": str(cfg.output) if cfg.output else None, "peak_rss_mb": round(peak_rss_mb(), 1),
+            "peak_cuda_mb": None if (cuda := peak_cuda_mb()) is None else round(cuda, 1)}

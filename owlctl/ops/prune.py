@@ -260,8 +260,13 @@ def _calibration(cfg: PruneConfig, early: dict | None, calib_args: tuple | None)
     return calibration(calib_args[0], tok0, *calib_args[1:], cfg.seed, bos=bos, bos_requested=cfg.bos)
 
 
+def _round(x: float | None) -> float | None:
+    return None if x is None else round(x, 1)
+
+
 def _summary(report: dict, alloc: dict, output: Path | None, peak_mb: float, model_b: int) -> dict:
     """The owlctl.prune document: what was asked, allocated and realised, per block, with the mask check."""
+    from owlctl.engine.memory import peak_cuda_mb
     from owlctl.formats._io import header
 
     mismatched = [(b["name"], r["name"]) for b in report["blocks"] for r in b["linears"]
@@ -275,7 +280,7 @@ def _summary(report: dict, alloc: dict, output: Path | None, peak_mb: float, mod
             "blocks": [{"index": b["index"], "target_sparsity": b["target_sparsity"],
                         "realised_sparsity": b["realised_sparsity"]} for b in report["blocks"]],
             "calibration": report["calibration"], "peak_rss_mb": round(peak_mb, 1),
-            "model_mb": round(model_b / 2**20, 1)}
+            "model_mb": round(model_b / 2**20, 1), "peak_cuda_mb": _round(peak_cuda_mb())}
 
 
 def nm(cfg: PruneConfig, progress: Any = None) -> dict:
