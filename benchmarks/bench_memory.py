@@ -12,6 +12,8 @@ the process after imports + the embedding matrix + 2 blocks + the calibration ac
 streaming vs in memory on the built-in model is measured side by side (interleaved runs).
 
     python benchmarks/bench_memory.py [--runs wanda,sparsegpt,none,cgroup,builtin] [--limit-gb 2]
+The synthetic runs use --batch-size 1 (one sequence per forward: the smallest working set) unless noted;
+the default batch (8) is measured once beside them.
 Writes docs/memory.json; benchmarks/write_results.py renders docs/memory.md.
 """
 
@@ -81,19 +83,27 @@ def baseline_rss_mb() -> float:
 
 
 def prune_run(model: str, method: str, offload: str, out: Path, nsamples: int, seqlen: int,
-              cgroup: Path | None = None) -> dict:
+              cgroup: Path | None = None, batch_size: int | None = None, code: Path | None = None) -> dict:
     cmd = [sys.executable, "-m", "owlctl", "prune", model, "--method", method, "--uniform", "-s", "0.5",
            "--nsamples", str(nsamples), "--seqlen", str(seqlen), "--offload", offload, "--device", "cpu",
            "--calib", "builtin:wiki", "-o", str(out), "--force", "--json", "-q"]
+    if batch_size is not None:
+        cmd += ["--batch-size", str(batch_size)]
+    env = dict(os.environ)
+    if code is not None:  # an earlier checkout of owlctl (before streaming): no --offload, whole model loaded
+        env["PYTHONPATH"] = str(code)
+        i = cmd.index("--offload")
+        del cmd[i:i + 2]
     if cgroup is not None:  # join the group before exec, so the whole process runs under its limit
         cmd = ["sh", "-c", f'echo $$ > {cgroup}/cgroup.procs && exec "$@"', "sh", *cmd]
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     load = os.getloadavg()[0]
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
     wall = time.perf_counter() - t0
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     row = {"model": model, "method": method, "offload": offload, "nsamples": nsamples, "seqlen": seqlen,
+           "batch_size": batch_size or 8, "code": "before" if code is not None else "current",
            "returncode": proc.returncode, "wall_s": round(wall, 1),
            "cpu_s": round(after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime, 1),
            "load_average": round(load, 2), "cgroup_limit_mb": None}
@@ -148,7 +158,7 @@ def check_loads(out: Path, sparsity: float = 0.5) -> dict:
             "expected_sparsity": sparsity}
 
 
-def budget_mb(base_mb: float, path: Path, nsamples: int, seqlen: int) -> dict:
+def budget_mb(base_mb: float, path: Path, nsamples: int, seqlen: int, batch: int = 1) -> dict:
     import json as _json
 
     cfg = _json.loads((path / "config.json").read_text())
@@ -157,8 +167,12 @@ def budget_mb(base_mb: float, path: Path, nsamples: int, seqlen: int) -> dict:
     emb = v * h * el
     block = (4 * h * h + 3 * h * inter) * el
     acts = 2 * nsamples * seqlen * h * el  # the block's inputs and its outputs
+    heads = cfg["num_attention_heads"]
+    # one forward of `batch` sequences: eager attention's fp32 scores and probabilities, the MLP's
+    # gate/up/product intermediates (an estimate of the working set, not a bound)
+    fwd = batch * (2 * heads * seqlen * seqlen * 4 + 3 * seqlen * inter * el)
     parts = {"baseline_after_imports_mb": base_mb, "embedding_mb": emb / 2**20, "two_blocks_mb": 2 * block / 2**20,
-             "activations_mb": acts / 2**20}
+             "activations_mb": acts / 2**20, f"forward_batch_{batch}_mb": fwd / 2**20}
     parts = {k: round(x, 1) for k, x in parts.items()}
     parts["budget_mb"] = round(sum(parts.values()), 1)
     return parts
@@ -169,6 +183,7 @@ def main() -> None:
     ap.add_argument("--runs", default="wanda,sparsegpt,none,cgroup,builtin")
     ap.add_argument("--limit-gb", type=float, default=2.0)
     ap.add_argument("--dir", default=str(Path(tempfile.gettempdir()) / "owlctl-bench-memory"))
+    ap.add_argument("--before", help="a checkout of owlctl before streaming (e.g. a git worktree): its rows too")
     args = ap.parse_args()
     runs = set(args.runs.split(","))
     work = Path(args.dir)
@@ -176,14 +191,18 @@ def main() -> None:
     synth = build_synthetic(work / "llama7b-shaped-8-blocks")
     res: dict = {"synthetic": {"shape": SHAPE, "dtype": "bfloat16", "bytes_on_disk": model_bytes(synth)},
                  "baseline_rss_mb": round(baseline_rss_mb(), 1), "rows": []}
-    res["budget"] = budget_mb(res["baseline_rss_mb"], synth, 8, 512)
+    res["budget"] = budget_mb(res["baseline_rss_mb"], synth, 8, 512, 1)
+    res["budget_batch_8"] = budget_mb(res["baseline_rss_mb"], synth, 8, 512, 8)
     out = work / "out"
     for method in ("wanda", "sparsegpt"):
         if method in runs:
-            res["rows"].append(prune_run(str(synth), method, "disk", out, 8, 512))
+            res["rows"].append(prune_run(str(synth), method, "disk", out, 8, 512, batch_size=1))
             print(json.dumps(res["rows"][-1]), flush=True)
+    if "wanda" in runs:  # the default batch (8 sequences per forward): faster, a larger forward working set
+        res["rows"].append(prune_run(str(synth), "wanda", "disk", out, 8, 512))
+        print(json.dumps(res["rows"][-1]), flush=True)
     if "none" in runs:
-        res["rows"].append(prune_run(str(synth), "wanda", "none", out, 8, 512))
+        res["rows"].append(prune_run(str(synth), "wanda", "none", out, 8, 512, batch_size=1))
         print(json.dumps(res["rows"][-1]), flush=True)
     if "cgroup" in runs:
         group = make_cgroup(int(args.limit_gb * 2**30))
@@ -191,12 +210,18 @@ def main() -> None:
             res["cgroup"] = "not run: needs root and a cgroup v1 memory hierarchy at /sys/fs/cgroup/memory"
         else:
             for method in ("wanda", "sparsegpt"):
-                row = prune_run(str(synth), method, "disk", out, 8, 512, cgroup=group)
+                row = prune_run(str(synth), method, "disk", out, 8, 512, cgroup=group, batch_size=1)
                 if row["returncode"] == 0:
                     row["checkpoint"] = check_loads(out)
                 res["rows"].append(row)
                 print(json.dumps(row), flush=True)
-            row = prune_run(str(synth), "wanda", "none", out, 8, 512, cgroup=group)  # the in-memory path
+            row = prune_run(str(synth), "wanda", "none", out, 8, 512, cgroup=group, batch_size=1)  # in memory
+            res["rows"].append(row)
+            print(json.dumps(row), flush=True)
+    if args.before:
+        old = Path(args.before)
+        for model, n, t, b in ((str(synth), 8, 512, 1), ("builtin:smollm2-135m", 32, 512, None)):
+            row = prune_run(model, "wanda", "none", out, n, t, batch_size=b, code=old)
             res["rows"].append(row)
             print(json.dumps(row), flush=True)
     if "builtin" in runs:

@@ -93,19 +93,19 @@ def main() -> int:
         if a.is_dir() and b.is_dir():
             res[f"{method}_streamed_equals_in_memory"] = same_tensors(a, b)
     r = owlctl(["eval", str(work / "wanda-disk"), "--data", ".gpu/calib.txt", "--device", dev, "--max-windows", "8"],
-               rows, "eval perplexity cuda")
+               rows, f"eval perplexity {dev}")
     if r["doc"]:
         r["row"]["result"] = {k: r["doc"].get(k) for k in ("perplexity", "windows", "tokens") if k in r["doc"]}
     nm = work / "nm24"
     owlctl(["nm", str(model), "--pattern", "2:4", "--method", "magnitude", "--dtype", "float16", "-o", str(nm),
-            "--device", dev, "--force"], rows, "nm 2:4 fp16")
+            "--device", dev, "--force"], rows, "nm 2:4")
     r = owlctl(["bench", str(nm), "--backend", "torch-sparse", "--device", dev,
                 "--dtype", "float16" if dev == "cuda" else "float32"], rows,
-               "bench torch-sparse (2:4) cuda")
+               f"bench torch-sparse (2:4) {dev}")
     if r["doc"]:
         r["row"]["bench"] = r["doc"].get("rows")
     owlctl(["finetune", str(work / "wanda-disk"), "--data", ".gpu/calib.txt", "--steps", "5", "--device", dev,
-            "-o", str(work / "ft"), "--force"], rows, "finetune 5 steps cuda")
+            "-o", str(work / "ft"), "--force"], rows, f"finetune 5 steps {dev}")
     (out / "gpu_check.json").write_text(json.dumps(res, indent=2, default=str) + "\n")
     return 0 if all(row["returncode"] == 0 for row in rows) else 1
 

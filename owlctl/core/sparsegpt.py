@@ -75,13 +75,38 @@ def _validate(weight: Tensor, hessian: Tensor, sparsity, n_keep, m, blocksize, p
     return blocksize
 
 
+_IN_PLACE: dict[str, bool] = {}
+
+
+def _factor(h: Tensor, in_place: bool) -> Tensor:
+    if not in_place:  # row-major like the in-place result (LAPACK returns column-major; later products
+        # on a different layout round differently)
+        return torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True).contiguous()
+    torch.linalg.cholesky(h, out=h)
+    torch.cholesky_inverse(h, out=h)
+    return torch.linalg.cholesky(h, upper=True, out=h)
+
+
+def _in_place_ok(device: torch.device) -> bool:
+    """Whether this device's factorisations give the same bits in place (out= the input) as on copies:
+    checked once per device type on a small matrix; where not, the three factors are separate tensors."""
+    if device.type not in _IN_PLACE:
+        x = torch.randn(96, 64, generator=torch.Generator().manual_seed(0)).to(device)
+        h = x.t() @ x + torch.eye(64, device=device)
+        try:
+            _IN_PLACE[device.type] = torch.equal(_factor(h.clone(), True), _factor(h.clone(), False))
+        except RuntimeError:
+            _IN_PLACE[device.type] = False
+    return _IN_PLACE[device.type]
+
+
 def _upper_inverse_factor(hessian: Tensor, percdamp: float) -> Tensor:
-    """U with H^-1 = U^T U, upper triangular, after damping H += percdamp * mean(diag H) * I. H is modified."""
+    """U with H^-1 = U^T U, upper triangular, after damping H += percdamp * mean(diag H) * I. H is modified
+    (and, where the device allows it, overwritten by U: one C_in x C_in matrix at the peak instead of four)."""
     diag = hessian.diagonal()
     diag.add_(percdamp * diag.mean())
     try:
-        lower = torch.linalg.cholesky(hessian)
-        return torch.linalg.cholesky(torch.cholesky_inverse(lower), upper=True)
+        return _factor(hessian, _in_place_ok(hessian.device))
     except torch.linalg.LinAlgError as exc:
         raise ValueError(
             f"SparseGPT: the Hessian is not positive definite after damping with percdamp={percdamp} "
@@ -98,6 +123,7 @@ def sparsegpt_prune(
     m: int | None = None,
     blocksize: int = 128,
     percdamp: float = 0.01,
+    overwrite_hessian: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """Prune ``weight`` (C_out, C_in) with SparseGPT given ``hessian`` (C_in, C_in) = (2/K) sum_k X_k^T X_k.
 
@@ -116,13 +142,14 @@ def sparsegpt_prune(
     Returns (new_weight float32 (C_out, C_in), mask bool (C_out, C_in), True = pruned). Pruned entries are
     exactly 0.0. Dead-input columns are zero in new_weight even where the mask is False (the mask records
     what the solver chose, so its count per slice is exactly prune_count). Raises ValueError on bad input
-    or when H is not positive definite after damping.
+    or when H is not positive definite after damping. ``hessian`` is left unchanged unless
+    ``overwrite_hessian`` (then it is damped and factored in place when it is float32 on weight's device).
     """
     blocksize = _validate(weight, hessian, sparsity, n_keep, m, blocksize, percdamp)
     device = weight.device
     rows, cols = weight.shape
     W = weight.detach().to(device=device, dtype=torch.float32, copy=True)
-    H = hessian.detach().to(device=device, dtype=torch.float32, copy=True)
+    H = hessian.detach().to(device=device, dtype=torch.float32, copy=not overwrite_hessian)
     mask = torch.zeros((rows, cols), dtype=torch.bool, device=device)
     if cols == 0:
         return W, mask

@@ -169,3 +169,49 @@ def test_shape_mismatch_and_not_positive_definite():
         sparsegpt_prune(W, -torch.eye(16), sparsity=0.5)
     with pytest.raises(ValueError, match="NaN"):
         sparsegpt_prune(W, torch.full((16, 16), float("nan")), sparsity=0.5)
+
+
+def _problem(rows=24, cols=96, seed=3):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(4 * cols, cols, generator=g)
+    return torch.randn(rows, cols, generator=g), (2.0 / 4) * (x.t() @ x)
+
+
+@pytest.mark.parametrize("in_place", [True, False])
+def test_overwrite_hessian_gives_the_same_bits_and_leaves_the_default_untouched(monkeypatch, in_place):
+    """Both sides of the device check: factors in place (out= the input) or on copies, same result; the
+    caller's Hessian is changed only when it asked for that."""
+    import owlctl.core.sparsegpt as sg
+
+    w, h = _problem()
+    ref_w, ref_m = sparsegpt_prune(w, h.clone(), sparsity=0.5, blocksize=32)  # the check's own choice
+    monkeypatch.setitem(sg._IN_PLACE, "cpu", in_place)
+    keep = h.clone()
+    w1, m1 = sparsegpt_prune(w, h, sparsity=0.5, blocksize=32)
+    assert torch.equal(h, keep)  # default: the input is not modified
+    h2 = h.clone()
+    w2, m2 = sparsegpt_prune(w, h2, sparsity=0.5, blocksize=32, overwrite_hessian=True)
+    assert not torch.equal(h2, keep)  # it was used as the work matrix
+    for got_w, got_m in ((w1, m1), (w2, m2)):
+        assert torch.equal(got_w, ref_w) and torch.equal(got_m, ref_m)
+
+
+def test_in_place_factor_equals_the_three_step_factor():
+    from owlctl.core.sparsegpt import _factor
+
+    _w, h = _problem(cols=200, seed=5)
+    h.diagonal().add_(0.01 * h.diagonal().mean())
+    out = _factor(h.clone(), False)
+    assert torch.equal(_factor(h.clone(), True), out)
+    assert torch.allclose(out.t() @ out, torch.linalg.inv(h.double()).float(), rtol=1e-3, atol=1e-5)
+
+
+def test_consumed_hessian_equals_the_copy():
+    from owlctl.core.stats import InputStatistics
+
+    st = InputStatistics(16, act_norm=False, hessian=True)
+    st.add(torch.randn(3, 10, 16, generator=torch.Generator().manual_seed(1)), 3)
+    copy = st.hessian()
+    assert torch.equal(st.hessian(consume=True), copy)
+    with pytest.raises(ValueError, match="not collected"):
+        st.hessian()

@@ -125,7 +125,7 @@ _STATS = {"act_norm": ("act_sq_norm", lambda cols: (cols,)), "hessian": ("hessia
 
 def prune_weight(method: str, weight: Any, *, sparsity: float | None = None, n_keep: int | None = None,
                  m: int | None = None, act_sq_norm: Any = None, hessian: Any = None,
-                 options: MethodOptions = MethodOptions()) -> tuple[Any, Any]:
+                 options: MethodOptions = MethodOptions(), overwrite_hessian: bool = False) -> tuple[Any, Any]:
     """Returns (new_weight in weight's dtype, mask True=pruned) for one matrix.
 
     weight: (C_out, C_in); sparsity: fraction pruned in [0, 1); n_keep/m: N:M with n_keep weights KEPT per
@@ -133,7 +133,8 @@ def prune_weight(method: str, weight: Any, *, sparsity: float | None = None, n_k
     When nothing is to be pruned (sparsity 0, or n_keep == m) the input tensor itself is returned (not a
     copy) with an all-False mask; SparseGPT's dead-input zeroing is skipped in that case. Validates: unknown
     method (ValueError listing the registry), missing statistic, exactly one of sparsity or (n_keep, m).
-    The input weight is never modified in place.
+    The input weight is never modified in place; ``hessian`` is, only with ``overwrite_hessian`` (SparseGPT
+    then damps and factors it in place instead of on a copy: one C_in x C_in matrix less at the peak).
     """
     import torch
     from torch import Tensor
@@ -156,6 +157,8 @@ def prune_weight(method: str, weight: Any, *, sparsity: float | None = None, n_k
         raise ValueError("the Wanda cumulative-mass variant applies to unstructured sparsity only, not N:M")
     if nothing:
         return weight, torch.zeros(weight.shape, dtype=torch.bool, device=weight.device)
+    if overwrite_hessian and "hessian" in stats:
+        stats["overwrite_hessian"] = True
     return impl.prune(weight, sparsity=sparsity, n_keep=n_keep, m=m, stats=stats, options=options)
 
 

@@ -13,7 +13,8 @@ def prune(weight: Any, *, sparsity: float | None, n_keep: int | None, m: int | N
     from owlctl.core.sparsegpt import sparsegpt_prune
 
     new, mask = sparsegpt_prune(weight, stats["hessian"], sparsity=sparsity, n_keep=n_keep, m=m,
-                                blocksize=options.blocksize, percdamp=options.percdamp)  # on an fp32 copy
+                                blocksize=options.blocksize, percdamp=options.percdamp,
+                                overwrite_hessian=stats.get("overwrite_hessian", False))  # W on an fp32 copy
     return new.to(weight.dtype), mask
 
 

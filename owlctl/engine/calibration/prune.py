@@ -59,6 +59,7 @@ def prune_block(name: str, i: int, linears: dict, stats: dict, method: str,
 
     needs = get(method).needs
     sparsity, nm = target
+    last = {id(stats[lname]): lname for lname in linears}  # q/k/v (gate/up) share one statistic
     mats = []
     for lname, lin in linears.items():
         w = lin.weight
@@ -67,7 +68,8 @@ def prune_block(name: str, i: int, linears: dict, stats: dict, method: str,
         if "act_norm" in needs:
             kw["act_sq_norm"] = stats[lname].act_sq_norm()
         if "hessian" in needs:
-            kw["hessian"] = stats[lname].hessian()
+            kw["hessian"] = stats[lname].hessian(consume=last[id(stats[lname])] == lname)
+            kw["overwrite_hessian"] = True  # a tensor of its own: the solver factors it in place
         pat = {"n_keep": nm[0], "m": nm[1]} if nm is not None else {"sparsity": sparsity}
         new_w, mask = prune_weight(method, w.detach(), options=opts, **pat, **kw)
         w.data.copy_(new_w)
