@@ -1,6 +1,7 @@
 """Render docs/results.md from the JSON the benchmarks wrote (docs/results.json, docs/results-gemma3-270m.json,
-docs/propagation-*.json, docs/bench_prune*.json, docs/bench_startup.json). Numbers are copied, never typed:
-re-run the benchmarks, then this script."""
+docs/propagation-*.json, docs/bench_prune*.json, docs/bench_startup.json), and docs/memory.md from
+docs/memory.json (benchmarks/bench_memory.py). Numbers are copied, never typed: re-run the benchmarks, then
+this script."""
 
 from __future__ import annotations
 
@@ -116,6 +117,58 @@ def speed(doc: dict) -> list[str]:
             + (f" Note: {doc['note']}." if doc.get("note") else "")]
 
 
+def _mem_row(r: dict, model_mb: float) -> str:
+    code = "before streaming" if r.get("code") == "before" else "current"
+    limit = f"{r['cgroup_limit_mb']} MiB" if r.get("cgroup_limit_mb") else "-"
+    if r["returncode"] != 0:
+        kills = r.get("cgroup_oom_kills")
+        why = f"exit {r['returncode']}" + (f", OOM kills {kills}" if kills else "")
+        return (f"| {r['method']} | {r['offload']} | {r['batch_size']} | {code} | {limit} | failed ({why}) | - | "
+                f"{r['wall_s']} | {r['cpu_s']} | {r['load_average']} |")
+    peak = r["peak_rss_mb"]
+    return (f"| {r['method']} | {r['offload']} | {r['batch_size']} | {code} | {limit} | {peak:.0f} | "
+            f"{peak / model_mb:.2f} | {r['wall_s']} | {r['cpu_s']} | {r['load_average']} |")
+
+
+def memory(doc: dict) -> list[str]:
+    synth_mb = doc["synthetic"]["bytes_on_disk"] / 2**20
+    head = ["| method | --offload | batch | code | memory limit | peak RSS MiB | / model | wall s | CPU s | load |",
+            "|---|---|---|---|---|---|---|---|---|---|"]
+    syn = [r for r in doc["rows"] if r["model"] != "builtin:smollm2-135m"]
+    bi = [r for r in doc["rows"] if r["model"] == "builtin:smollm2-135m"]
+    b = doc["budget"]
+    sh = doc["synthetic"]["shape"]
+    out = [f"Synthetic LLaMA with LLaMA-7B-shaped blocks (hidden {sh['hidden_size']}, intermediate "
+           f"{sh['intermediate_size']}, {sh['num_attention_heads']} heads, {sh['num_hidden_layers']} blocks, vocab "
+           f"{sh['vocab_size']}, untied embeddings), bfloat16, {synth_mb:,.0f} MiB of safetensors; "
+           "`prune --uniform -s 0.5`, 8 x 512 calibration tokens from builtin:wiki, `--device cpu`. Peak RSS is "
+           "the kernel's VmHWM as the prune document reports it.", "",
+           "Budget for a streamed run (computed by the script from the model's config, batch 1): " +
+           ", ".join(f"{k.removesuffix('_mb').replace('_', ' ')} {v:,.0f}" for k, v in b.items() if k != "budget_mb")
+           + f" = **{b['budget_mb']:,.0f} MiB** ({b['budget_mb'] / synth_mb:.2f}x the model). With the default "
+           f"batch of 8 the estimate is {doc['budget_batch_8']['budget_mb']:,.0f} MiB.", "", *head,
+           *(_mem_row(r, synth_mb) for r in syn)]
+    for r in syn:
+        if r.get("checkpoint"):
+            c = r["checkpoint"]
+            out.append("")
+            out.append(f"The checkpoint written by {r['method']} under the {r['cgroup_limit_mb']} MiB limit loads in "
+                       f"plain transformers (`from_pretrained`): loads {c['loads']}, block 3 down_proj sparsity "
+                       f"{c['down_proj_3_sparsity']} (asked {c['expected_sparsity']}), finite logits "
+                       f"{c['finite_logits']}.")
+    if bi:
+        bmb = doc["builtin_bytes_on_disk"] / 2**20
+        out += ["", f"The built-in model (SmolLM2-135M, float32, {bmb:,.0f} MiB), wanda 32 x 512, runs interleaved:",
+                "", *head, *(_mem_row(r, bmb) for r in bi)]
+        cur = [r for r in bi if r.get("code") != "before" and r["returncode"] == 0]
+        walls = {off: [r["wall_s"] for r in cur if r["offload"] == off] for off in ("none", "disk")}
+        if walls["none"] and walls["disk"]:
+            ratio = (sum(walls["disk"]) / len(walls["disk"])) / (sum(walls["none"]) / len(walls["none"]))
+            out += ["", f"Streamed / in-memory wall time on the built-in model (mean of the interleaved runs): "
+                    f"**{ratio:.2f}x**."]
+    return out
+
+
 def main() -> None:
     parts = ["# Results", "", "Every number here was measured on this project's 2-core CPU machine by the scripts in "
              "`benchmarks/`, which wrote the JSON files beside this page; `python benchmarks/write_results.py` "
@@ -175,6 +228,12 @@ def main() -> None:
             parts.append(line)
         parts += ["", f"For scale, `python -c 'import torch'`: {st['import_torch_s']} s.", ""]
     (DOCS / "results.md").write_text("\n".join(parts) + "\n")
+    m = _load("memory.json")
+    if m:
+        (DOCS / "memory.md").write_text("\n".join(["# Memory", "", "Measured by `benchmarks/bench_memory.py` on this "
+                                                   "project's 2-core CPU machine; rendered by "
+                                                   "`benchmarks/write_results.py` from docs/memory.json.", "",
+                                                   *memory(m)]) + "\n")
 
 
 if __name__ == "__main__":

@@ -59,7 +59,7 @@ def prune_block(name: str, i: int, linears: dict, stats: dict, method: str,
 
     needs = get(method).needs
     sparsity, nm = target
-    last = {id(stats[lname]): lname for lname in linears}  # q/k/v (gate/up) share one statistic
+    last = {id(stats[lname]): lname for lname in linears} if stats else {}  # q/k/v (gate/up) share one
     mats = []
     for lname, lin in linears.items():
         w = lin.weight
