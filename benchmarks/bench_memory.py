@@ -180,7 +180,9 @@ def budget_mb(base_mb: float, path: Path, nsamples: int, seqlen: int, batch: int
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--runs", default="wanda,sparsegpt,none,cgroup,builtin")
+    ap.add_argument("--runs", default="wanda,sparsegpt,wanda8,none,cgroup,builtin",
+                    help="comma-separated: wanda, sparsegpt, wanda8 (default batch), none (in memory), cgroup, builtin")
+    ap.add_argument("--merge", action="store_true", help="add these rows to an existing docs/memory.json")
     ap.add_argument("--limit-gb", type=float, default=2.0)
     ap.add_argument("--dir", default=str(Path(tempfile.gettempdir()) / "owlctl-bench-memory"))
     ap.add_argument("--before", help="a checkout of owlctl before streaming (e.g. a git worktree): its rows too")
@@ -198,7 +200,7 @@ def main() -> None:
         if method in runs:
             res["rows"].append(prune_run(str(synth), method, "disk", out, 8, 512, batch_size=1))
             print(json.dumps(res["rows"][-1]), flush=True)
-    if "wanda" in runs:  # the default batch (8 sequences per forward): faster, a larger forward working set
+    if "wanda8" in runs:  # the default batch (8 sequences per forward): faster, a larger forward working set
         res["rows"].append(prune_run(str(synth), "wanda", "disk", out, 8, 512))
         print(json.dumps(res["rows"][-1]), flush=True)
     if "none" in runs:
@@ -233,7 +235,11 @@ def main() -> None:
                 print(json.dumps(row), flush=True)
         res["builtin_bytes_on_disk"] = model_bytes(_builtin_dir())
     (ROOT / "docs").mkdir(exist_ok=True)
-    (ROOT / "docs" / "memory.json").write_text(json.dumps(res, indent=2) + "\n")
+    path = ROOT / "docs" / "memory.json"
+    if args.merge and path.is_file():  # rows measured in separate sittings (e.g. timing rows on a quiet machine)
+        old = json.loads(path.read_text())
+        res = {**old, **{k: v for k, v in res.items() if k != "rows"}, "rows": old["rows"] + res["rows"]}
+    path.write_text(json.dumps(res, indent=2) + "\n")
 
 
 def _builtin_dir() -> Path:

@@ -43,6 +43,22 @@ def peak_cuda_mb() -> float | None:
     return torch.cuda.max_memory_allocated() / 2**20
 
 
+MMAP_THRESHOLD = 4 << 20
+
+
+def return_large_frees() -> bool:
+    """Make glibc serve every allocation of 4 MiB or more with its own mapping, returned to the kernel when
+    freed. By default the threshold rises to the largest block freed so far (up to 32 MiB), after which
+    tensors of 4-32 MiB come from the heap and stay resident after they are freed: a streamed 7B-shaped
+    prune peaked ~250 MB higher that way (docs/memory.md). True when set (glibc only)."""
+    try:
+        import ctypes
+
+        return bool(ctypes.CDLL("libc.so.6").mallopt(-3, MMAP_THRESHOLD))  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        return False
+
+
 def settle_memory() -> None:
     """Free what can be freed and reset the kernel's peak-RSS counter, so the next peak is its own."""
     gc.collect()

@@ -301,3 +301,18 @@ def test_integer_scores_accepted():
     x = torch.tensor([[3, 1, 1, 2], [0, 5, 0, 0]])
     assert torch.equal(rowwise_mask(x, 0.5), B([[F, T, T, F], [T, F, T, F]]))
     assert torch.equal(matrix_mask(x, 0.5), B([[F, T, F, F], [T, F, T, T]]))
+
+
+@pytest.mark.parametrize("elements", [1, 7, 64, 10**9])
+def test_rowwise_mask_in_passes_equals_one_pass(monkeypatch, elements):
+    """Rows selected a few at a time (a bounded working set) give exactly the one-pass mask, ties and NaN
+    included; ``elements`` below one row still takes one row per pass."""
+    import owlctl.core.masks as masks
+
+    g = torch.Generator().manual_seed(7)
+    s = torch.randint(0, 5, (37, 16), generator=g).float()  # many ties
+    s[3, 2] = float("nan")
+    ref = masks._smallest_k(s, masks.prune_count(16, 0.6))
+    monkeypatch.setattr(masks, "ROWS_ELEMENTS", elements)
+    got = masks.rowwise_mask(s, 0.6)
+    assert torch.equal(got, ref) and bool((got.sum(dim=1) == masks.prune_count(16, 0.6)).all())

@@ -28,7 +28,8 @@ def scores(weight: Any, act_sq_norm: Any) -> Any:
             f"got {tuple(getattr(act_sq_norm, 'shape', ()))}"
         )
     norm = act_sq_norm.to(device=weight.device, dtype=torch.float32).sqrt()
-    return weight.detach().to(torch.float32).abs() * norm.unsqueeze(0)
+    s = weight.detach().to(torch.float32, copy=True)  # one fp32 matrix, updated in place (no temporaries)
+    return s.abs_().mul_(norm.unsqueeze(0))
 
 
 def prune(weight: Any, *, sparsity: float | None, n_keep: int | None, m: int | None, stats: dict,

@@ -88,9 +88,11 @@ class Streamed:
     streamed = True
 
     def __init__(self, path: Path, dtype: Any = None, trust_remote_code: bool = False) -> None:
+        from owlctl.engine.memory import return_large_frees
         from owlctl.engine.models.stream import Weights, checkpoint_dtype, skeleton, source_names
         from owlctl.families import resolve
 
+        return_large_frees()  # memory is the point of streaming: freed blocks leave the process
         self.weights = Weights(path)
         if dtype is None:
             from transformers import AutoConfig
