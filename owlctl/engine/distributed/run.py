@@ -16,10 +16,11 @@ def run_blocks_sharded(world: Any, host: Any, input_ids: Any, *, device: str, ba
 
     if not world.main:
         progress, after = None, None
-    with world.work(fingerprint(input_ids)):
-        if input_ids is None:  # a data-free method: every rank prunes every block (cheap, identical)
+    if input_ids is None:  # a data-free method: every rank prunes every block (cheap, identical)
+        with world.work():
             return _run_data_free(host, device, decide, after, progress, description)
-        mine, batches = world.take(input_ids, batch_size, "calibration sequences")
-        n_batches = -(-input_ids.shape[0] // batch_size)
+    mine, batches = world.take(input_ids, batch_size, "calibration sequences")  # fails alike on every rank
+    n_batches = -(-input_ids.shape[0] // batch_size)
+    with world.work(fingerprint(input_ids)):
         return _run_with_data(host, mine, device, batch_size, needs, decide, propagate, progress, description,
                               after, activations, shard=(world, batches, n_batches))

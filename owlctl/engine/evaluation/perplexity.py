@@ -89,8 +89,8 @@ def perplexity(model: Any, ids: Any, seqlen: int, *, batch_size: int = 1, max_wi
         from owlctl.engine.distributed.evaluation import gather_losses, my_windows
         from owlctl.engine.distributed.world import fingerprint
 
+        mine, batches = my_windows(world, wins, batch_size)  # too many processes: fails alike on every rank
         with world.work(fingerprint(wins)):
-            mine, batches = my_windows(world, wins, batch_size)
             own = _losses(model, mine, batch_size, device, progress if world.main else None, description)
             per_window = gather_losses(world, own, batches, batch_size, n_win)
         return summarise(per_window, n_win, seqlen, bos_id)

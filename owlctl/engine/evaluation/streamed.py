@@ -66,8 +66,8 @@ def perplexity_streamed(host: Any, ids: Any, seqlen: int, *, batch_size: int = 1
         from owlctl.engine.distributed.evaluation import gather_losses, my_windows
         from owlctl.engine.distributed.world import fingerprint
 
+        mine, batches = my_windows(world, wins, batch_size)  # too many processes: fails alike on every rank
         with world.work(fingerprint(wins)):
-            mine, batches = my_windows(world, wins, batch_size)
             own = _streamed_losses(host, mine, batch_size, device, progress if world.main else None, description,
                                    auditor, activations)
             per_window = gather_losses(world, own, batches, batch_size, n_win)
