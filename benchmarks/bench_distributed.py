@@ -35,9 +35,10 @@ def _children_cpu() -> float:
     return r.ru_utime + r.ru_stime
 
 
-def run(kind: str, method: str, out: Path, args: argparse.Namespace) -> dict:
+def run(kind: str, method: str, out: Path, args: argparse.Namespace, batch_size: int | None = None) -> dict:
+    batch = args.batch_size if batch_size is None else batch_size
     prune = ["prune", MODEL, "--method", method, "--uniform", "-s", "0.5", "--nsamples", str(args.nsamples),
-             "--seqlen", str(args.seqlen), "--batch-size", str(args.batch_size), "--device", "cpu", "-o", str(out),
+             "--seqlen", str(args.seqlen), "--batch-size", str(batch), "--device", "cpu", "-o", str(out),
              "--json", "-q"]
     if kind == "plain":
         cmd = [sys.executable, "-m", "owlctl", *prune]
@@ -85,7 +86,15 @@ def compare(a: Path, b: Path) -> dict:
         if not torch.equal(t, u):
             identical = False
             max_diff = max(max_diff, float((t.float() - u.float()).abs().max()))
-    return {"mask_agreement": agree / total, "mask_positions_differing": total - agree,
+    blocks: dict[int, list[int]] = {}
+    for name, t in x.items():
+        parts = name.split(".")
+        if "layers" in parts and parts[parts.index("layers") + 1].isdigit():
+            acc = blocks.setdefault(int(parts[parts.index("layers") + 1]), [0, 0])
+            acc[0] += int(((t == 0) == (y[name] == 0)).sum())
+            acc[1] += t.numel()
+    return {"per_block_mask_agreement": [round(a / n, 6) for _i, (a, n) in sorted(blocks.items())],
+            "mask_agreement": agree / total, "mask_positions_differing": total - agree,
             "rows_with_equal_pruned_count": f"{rows_same}/{rows}", "weights_bit_identical": identical,
             "max_abs_weight_difference": max_diff}
 
@@ -99,7 +108,12 @@ def main() -> None:
     ap.add_argument("--plain-for", default="sparsegpt", help="methods also run without the launcher (wanda's plain "
                     "result equals the launched one bit for bit in tests/engine/test_distributed.py)")
     ap.add_argument("--out", default=str(ROOT / "docs" / "bench_distributed.json"))
+    ap.add_argument("--noise-floor", action="store_true", help="instead: plain sparsegpt at --batch-size B and B/2 "
+                    "(float32 rounding alone) and launched with 2 processes, per-block mask agreement, into "
+                    "docs/bench_distributed_noise.json")
     args = ap.parse_args()
+    if args.noise_floor:
+        return noise_floor(args)
     rows, checks = [], {}
     work = Path(tempfile.mkdtemp(prefix="owlctl-bench-dist-"))
     try:
@@ -132,6 +146,26 @@ def main() -> None:
         print(f"| {r['method']} | {r['processes']} | {r['wall_s']:.1f} | {r['owlctl_total_s']:.1f} | {frac} | "
               f"{r['cpu_s']:.1f} | {r['load_before'][0]:.2f} |")
     print(json.dumps({"ratios": ratios, "equality": checks}, indent=2))
+
+
+def noise_floor(args: argparse.Namespace) -> None:
+    """How far SparseGPT's masks move under float32 rounding alone: one plain process at two batch sizes
+    (the same sequences, other batch shapes and accumulation order), and the 2-process run against both."""
+    work = Path(tempfile.mkdtemp(prefix="owlctl-bench-dist-noise-"))
+    half = max(1, args.batch_size // 2)
+    try:
+        outs = {"plain": work / "plain", "plain_half_batch": work / "half", "2": work / "two"}
+        rows = [run("plain", "sparsegpt", outs["plain"], args), run("plain", "sparsegpt", outs["plain_half_batch"],
+                                                                     args, half),
+                run("2", "sparsegpt", outs["2"], args)]
+        checks = {f"plain batch {args.batch_size} vs plain batch {half}": compare(outs["plain"],
+                                                                                   outs["plain_half_batch"]),
+                  "plain vs torchrun 2": compare(outs["plain"], outs["2"])}
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    doc = {"model": MODEL, "method": "sparsegpt", "runs": rows, "equality": checks}
+    Path(ROOT / "docs" / "bench_distributed_noise.json").write_text(json.dumps(doc, indent=2) + "\n")
+    print(json.dumps(checks, indent=2))
 
 
 if __name__ == "__main__":
