@@ -196,13 +196,21 @@ def _owlctl_warnings_to_stderr() -> Iterator[None]:
 
         def show(message: Any, category: type, filename: str, lineno: int, file: Any = None, line: Any = None) -> None:
             if issubclass(category, OwlctlWarning):
-                warn(str(message))
+                if not _quiet_rank():
+                    warn(str(message))
             else:
                 previous(message, category, filename, lineno, file, line)
 
         warnings.simplefilter("always", OwlctlWarning)
         warnings.showwarning = show
         yield
+
+
+def _quiet_rank() -> bool:
+    """A launched process other than rank 0 (torchrun, accelerate launch): it leaves the messages to rank 0."""
+    from owlctl.engine.distributed import secondary
+
+    return secondary()
 
 
 def handle_errors(fn):
@@ -236,7 +244,10 @@ def handle_errors(fn):
         except OwlctlError as e:
             if os.environ.get("OWLCTL_DEBUG") == "1":
                 raise
-            _error(e.message, e.hint)
+            if getattr(e, "owlctl_rank", None) is not None:  # one process of several failed on its own
+                _error(f"process rank {e.owlctl_rank}: {e.message}", e.hint)
+            elif not _quiet_rank():  # the other processes of a launched run: rank 0 reports
+                _error(e.message, e.hint)
             raise typer.Exit(1) from None
         except OSError as e:
             name = errno.errorcode.get(e.errno or -1, "")
@@ -246,10 +257,12 @@ def handle_errors(fn):
             _error(f"{e.strerror or e}{where}; nothing was written", _ENV_ERRNOS[name])
             raise typer.Exit(1) from None
         except Terminated:
-            _interrupted("terminated (SIGTERM)")
+            if not _quiet_rank():
+                _interrupted("terminated (SIGTERM)")
             raise typer.Exit(143) from None
         except KeyboardInterrupt:
-            _interrupted("interrupted")
+            if not _quiet_rank():
+                _interrupted("interrupted")
             raise typer.Exit(130) from None
         finally:
             if previous is not None:

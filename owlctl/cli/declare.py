@@ -128,8 +128,17 @@ def command(app: typer.Typer, name: str, config_cls: type, body: Callable[..., A
     extra_names = [e[0] for e in extra]
 
     def run(**kwargs: Any) -> Any:
-        console.set_quiet(bool(kwargs.get("quiet", False)))
+        from owlctl.engine.distributed import secondary
+
         cfg = build_config(config_cls, {k: kwargs[k] for k in names}, fixed)
+        if secondary():  # a launched process other than rank 0: rank 0 prints the results and the progress
+            import contextlib
+            import io
+
+            console.set_quiet(True)
+            with contextlib.redirect_stdout(io.StringIO()):
+                return body(cfg, **{k: kwargs[k] for k in extra_names})
+        console.set_quiet(bool(kwargs.get("quiet", False)))
         return body(cfg, **{k: kwargs[k] for k in extra_names})
 
     run.__name__ = f"{name.replace('-', '_')}_cmd"

@@ -148,11 +148,24 @@ def _check_compare_tokenizer(cfg: EvalConfig, tok: Any) -> None:
 def evaluate(cfg: EvalConfig, progress: Any = None) -> dict:
     """Load ``cfg.model`` (and ``cfg.compare``), evaluate, and return one owlctl.eval document.
     The window length, the data and the zero-shot tasks are checked before any weight is read."""
+    from owlctl.engine.distributed import launched, session
+
+    _validate(cfg)
+    if launched() is not None and cfg.tasks:
+        raise InputError("zero-shot tasks run on one process; several processes (torchrun, accelerate launch) "
+                         "split the perplexity windows only", hint="run --tasks without the launcher, or drop --tasks")
+    with session("eval", cfg) as world:
+        doc = _evaluate(cfg, progress if world is None or world.main else None)
+        if world is not None:
+            doc["seconds"]["collectives"] = round(world.collective_s, 3)
+        return doc
+
+
+def _evaluate(cfg: EvalConfig, progress: Any) -> dict:
     from owlctl.engine.models import load_tokenizer, local_dir, model_config, origin_id, resolve_device
     from owlctl.formats._io import header
     from owlctl.ops.checks import check_seqlen, context_length
 
-    _validate(cfg)
     tasks = _expand_tasks(cfg.tasks)
     if tasks:
         from owlctl.engine.evaluation.zeroshot import task_manager

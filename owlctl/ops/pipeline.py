@@ -101,9 +101,15 @@ def _plan(cfg: PipelineConfig) -> _Plan:
 def pipeline(cfg: PipelineConfig, progress: Any = None, log: Any = None) -> dict:
     """Run the comparison; with ``output`` set, everything is written into a temporary directory beside it
     and renamed into place at the end, so an interrupted run leaves nothing behind."""
+    from owlctl.engine.distributed import launched
     from owlctl.ops.checks import model_inputs
     from owlctl.ops.common import hub_of, output_claim
 
+    if launched() is not None:
+        raise InputError("pipeline runs in one process; under a launcher (torchrun, accelerate launch) every "
+                         "process would write the same folder",
+                         hint="launch its steps one by one: torchrun --nproc-per-node N -m owlctl profile / prune "
+                              "/ eval ...")
     plan = _plan(cfg)
     with hub_of(cfg), output_claim(cfg.output, cfg.force, "dir", inputs=model_inputs(cfg.model)) as claim:
         doc, files = _run(cfg, plan, progress, log or (lambda _m: None), claim)

@@ -39,11 +39,13 @@ def profile(cfg: ProfileConfig, progress: Any = None) -> dict:
     check_device(cfg.device)
     check_choice("--bos", cfg.bos, Bos)
     check_compute(cfg)
-    with hub_of(cfg):
-        return _profile(cfg, ms, progress)
+    from owlctl.engine.distributed import reporting, session
+
+    with hub_of(cfg), session("profile", cfg) as world:  # several processes: rank 0 writes and reports
+        return _profile(cfg, ms, progress if reporting(world) else None, world)
 
 
-def _profile(cfg: ProfileConfig, ms: tuple[float, ...], progress: Any) -> dict:
+def _profile(cfg: ProfileConfig, ms: tuple[float, ...], progress: Any, world: Any = None) -> dict:
     from owlctl.engine.models import model_config
     from owlctl.ops.checks import check_seqlen, context_length, model_inputs
     from owlctl.ops.common import calib_defaults, output_claim
@@ -53,7 +55,8 @@ def _profile(cfg: ProfileConfig, ms: tuple[float, ...], progress: Any) -> dict:
     source, nsamples, seqlen = calib_defaults(cfg.model, cfg.calib, cfg.nsamples, cfg.seqlen,
                                               context_length(config))
     check_seqlen(seqlen, config, cfg.model)
-    with output_claim(cfg.output, cfg.force, "file", inputs=model_inputs(cfg.model)) as claim:
+    output = cfg.output if world is None or world.main else None
+    with output_claim(output, cfg.force, "file", inputs=model_inputs(cfg.model)) as claim:
         from owlctl.engine.data import calibration
         from owlctl.engine.memory import peak_cuda_mb
         from owlctl.engine.models import load_tokenizer, local_dir, open_model, resolve_device
@@ -72,9 +75,11 @@ def _profile(cfg: ProfileConfig, ms: tuple[float, ...], progress: Any) -> dict:
         finally:
             host.close()
         doc["seconds"] = {"load": round(t_load, 3), **doc["seconds"], "total": round(time.perf_counter() - t0, 3)}
+        if world is not None:
+            doc["seconds"]["collectives"] = round(world.collective_s, 3)
         if claim is not None:
             from owlctl.formats._io import write_claimed
 
             write_claimed(claim, "profile", doc)
-    return {**doc, "output": str(cfg.output) if cfg.output else None, "peak_rss_mb": round(peak_rss_mb(), 1),
+    return {**doc, "output": str(output) if output else None, "peak_rss_mb": round(peak_rss_mb(), 1),
             "peak_cuda_mb": None if (cuda := peak_cuda_mb()) is None else round(cuda, 1)}

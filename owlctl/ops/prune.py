@@ -166,21 +166,23 @@ def prune(cfg: PruneConfig, progress: Any = None, command: str = "prune") -> dic
 
     Order: every check that needs no weights (options, config.json shapes and context, the profile or
     allocation against the model, the output location), then the calibration tokens, then the weights."""
+    from owlctl.engine.distributed import reporting, session
     from owlctl.ops.common import hub_of
 
     _validate(cfg)
-    with hub_of(cfg):
-        return _prune_checked(cfg, progress, command)
+    with hub_of(cfg), session(command, cfg) as world:  # several processes: rank 0 writes and reports
+        return _prune_checked(cfg, progress if reporting(world) else None, command, world)
 
 
-def _prune_checked(cfg: PruneConfig, progress: Any, command: str) -> dict:
+def _prune_checked(cfg: PruneConfig, progress: Any, command: str, world: Any = None) -> dict:
     from owlctl.core.methods import get
+    from owlctl.engine.distributed import reporting
     from owlctl.engine.models import model_config
     from owlctl.ops.checks import check_pattern_fits, check_seqlen, context_length, model_inputs, prune_pattern
     from owlctl.ops.common import calib_defaults, output_claim, weights_bytes
 
     t_start = time.perf_counter()
-    output = Path(cfg.output) if cfg.output is not None else None
+    output = Path(cfg.output) if cfg.output is not None and reporting(world) else None
     config, local = model_config(cfg.model)
     check_pattern_fits(prune_pattern(cfg.pattern), config, cfg.model)
     needs_data = bool(get(cfg.method).needs)
@@ -194,17 +196,16 @@ def _prune_checked(cfg: PruneConfig, progress: Any, command: str) -> dict:
     inputs = model_inputs(cfg.model) + [cfg.from_profile, cfg.allocation]
     with output_claim(output, cfg.force, "dir", inputs=inputs, need_bytes=weights_bytes(local)) as claim:
         return _prune_claimed(cfg, claim, early, (source, nsamples, seqlen) if needs_data else None, t_start,
-                              progress, command)
+                              progress, command, output, world)
 
 
 def _prune_claimed(cfg: PruneConfig, claim: Any, early: dict | None, calib_args: tuple | None,
-                   t_start: float, progress: Any, command: str) -> dict:
+                   t_start: float, progress: Any, command: str, output: Path | None, world: Any) -> dict:
     from owlctl.core.methods import MethodOptions
     from owlctl.engine.models import open_model, resolve_device
     from owlctl.formats.checkpoint import report_doc
     from owlctl.ops.common import model_bytes, peak_rss_mb
 
-    output = Path(cfg.output) if cfg.output is not None else None
     device = resolve_device(cfg.device)
     opts = MethodOptions(wanda_group=cfg.wanda_group, wanda_variant=cfg.wanda_variant, blocksize=cfg.blocksize,
                          percdamp=cfg.percdamp)
@@ -230,6 +231,8 @@ def _prune_claimed(cfg: PruneConfig, claim: Any, early: dict | None, calib_args:
         model_dict = info.as_dict(layout.family.name, layout.num_blocks)
         seconds = {"load": round(t_load, 3), "calibration_data": round(t_calib, 3), **timings.as_dict(),
                    "total": round(time.perf_counter() - t_start, 3)}
+        if world is not None:
+            seconds["collectives"] = round(world.collective_s, 3)
         report = report_doc(model_dict, cfg.method, alloc["pattern"], rows, seconds, command=command)
         report["calibration"] = calib.as_dict() if calib is not None else None
         report["method_options"] = {"wanda_group": cfg.wanda_group, "wanda_variant": cfg.wanda_variant,

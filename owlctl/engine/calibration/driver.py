@@ -44,16 +44,25 @@ def _sync(device: str) -> None:
 
 @contextmanager
 def collect_statistics(layout: ModelLayout, block_index: int, needs: frozenset[str], device: str,
-                       timings: Timings, current_nseq: list[int]) -> Iterator[dict[str, InputStatistics]]:
+                       timings: Timings, current_nseq: list[int],
+                       n_batches: int | None = None) -> Iterator[dict[str, InputStatistics]]:
     """Hooks on every prunable Linear of a block, always removed. Linears that read the same input
-    (q/k/v, gate/up) share one statistic."""
+    (q/k/v, gate/up) share one statistic. ``current_nseq``: [sequences in the batch being run, its global
+    index]; ``n_batches`` (several processes): the statistics of a shard (engine/distributed/stats.py)."""
     linears = layout.linears(block_index)
     leader = share_groups(layout)
     stats: dict[str, InputStatistics] = {}
     for name, lin in linears.items():
         if leader[name] == name:
-            stats[name] = InputStatistics(lin.in_features, act_norm="act_norm" in needs,
-                                          hessian="hessian" in needs, device=device)
+            if n_batches is None:
+                stats[name] = InputStatistics(lin.in_features, act_norm="act_norm" in needs,
+                                              hessian="hessian" in needs, device=device)
+            else:
+                from owlctl.engine.distributed.stats import ShardedStatistics
+
+                stats[name] = ShardedStatistics(lin.in_features, act_norm="act_norm" in needs,
+                                                hessian="hessian" in needs, device=device, n_batches=n_batches,
+                                                cursor=current_nseq)
     handles = []
 
     def make_hook(st: InputStatistics) -> Callable:
@@ -107,8 +116,26 @@ def run_blocks(host: Any, input_ids: torch.Tensor | None, *, device: str, batch_
     """
     if propagate not in ("dense", "pruned"):
         raise ValueError(propagate)
+    from owlctl.engine.distributed import current
+
+    world = current()
+    if world is not None:  # several processes: this rank's batches (engine/distributed)
+        from owlctl.engine.distributed.run import run_blocks_sharded
+
+        return run_blocks_sharded(world, host, input_ids, device=device, batch_size=batch_size, needs=needs,
+                                  decide=decide, propagate=propagate, progress=progress, description=description,
+                                  after=after, activations=activations)
     if input_ids is None:  # a data-free method (magnitude): no capture, no forwards
         return _run_data_free(host, device, decide, after, progress, description)
+    return _run_with_data(host, input_ids, device, batch_size, needs, decide, propagate, progress, description,
+                          after, activations)
+
+
+def _run_with_data(host: Any, input_ids: torch.Tensor, device: str, batch_size: int, needs: frozenset[str],
+                   decide: DecideFn, propagate: str, progress: Any, description: str, after: AfterFn | None,
+                   activations: str, shard: Any = None) -> Timings:
+    """run_blocks with calibration data; ``shard`` (several processes): (world, this rank's global batch
+    indices, number of batches) -- ``input_ids`` are then this rank's rows only."""
     timings = Timings()
     layout = host.layout
     host.model.config.use_cache = False
@@ -122,7 +149,7 @@ def run_blocks(host: Any, input_ids: torch.Tensor | None, *, device: str, batch_
             with progress_task(progress, description, nblocks) as task:
                 for i in range(nblocks):
                     with host.block(i, device) as block:
-                        _one_block(host, block, i, inputs, needs, decide, propagate, timings, device)
+                        _one_block(host, block, i, inputs, needs, decide, propagate, timings, device, shard)
                         if after is not None:
                             after(i, block)
                     task.advance(1, info=f"block {i + 1}/{nblocks}")
@@ -134,20 +161,26 @@ def run_blocks(host: Any, input_ids: torch.Tensor | None, *, device: str, batch_
 
 
 def _one_block(host: Any, block: Any, i: int, inputs: Any, needs: frozenset[str], decide: DecideFn, propagate: str,
-               timings: Timings, device: str) -> None:
+               timings: Timings, device: str, shard: Any = None) -> None:
     """Observe, decide and propagate one block; ``inputs.hidden`` becomes the next block's inputs."""
     layout = host.layout
-    current = [0]
+    current = [0, 0]
     outs = inputs.hidden.new()
     t0 = time.perf_counter()
-    with collect_statistics(layout, i, needs, device, timings, current) as stats:
+    with collect_statistics(layout, i, needs, device, timings, current,
+                            None if shard is None else shard[2]) as stats:
         for b in range(len(inputs.hidden)):
             current[0] = inputs.nseq[b]
+            current[1] = b if shard is None else shard[1][b]
             out = _block_forward(block, inputs, i, b)
             if propagate == "dense":
                 outs.append(out)
     _sync(device)
     timings.forwards += time.perf_counter() - t0
+    if shard is not None:
+        from owlctl.engine.distributed.stats import reduce_all
+
+        reduce_all(shard[0], stats)
     t0 = time.perf_counter()
     decide(i, block, layout.linears(i), stats)
     _sync(device)

@@ -56,14 +56,26 @@ def prune_block(name: str, i: int, linears: dict, stats: dict, method: str,
     import torch
 
     from owlctl.core.methods import expected_pruned, get, prune_weight
+    from owlctl.engine.distributed import current
 
     needs = get(method).needs
     sparsity, nm = target
+    # Several processes: SparseGPT's solves (the expensive part) are spread, matrix k on rank k % N, and the
+    # results broadcast; the other methods are cheap and identical everywhere, so every rank computes them.
+    world = current() if "hessian" in needs else None
     last = {id(stats[lname]): lname for lname in linears} if stats else {}  # q/k/v (gate/up) share one
-    mats = []
-    for lname, lin in linears.items():
+    mats, pending = [], []
+
+    def count(lname: str, w: Any, mask: Any, before: Any) -> None:
+        mats.append((lname, tuple(w.shape), torch.stack([mask.sum(), (w == 0).sum(), before.sum(),
+                                                         (mask & ~before).sum()])))
+
+    for k, (lname, lin) in enumerate(linears.items()):
         w = lin.weight
         before = w == 0  # zeros the weights already had (e.g. dequantised GGUF weights)
+        if world is not None and k % world.size != world.rank:
+            pending.append((lname, w, None, before))
+            continue
         kw: dict = {}
         if "act_norm" in needs:
             kw["act_sq_norm"] = stats[lname].act_sq_norm()
@@ -73,9 +85,16 @@ def prune_block(name: str, i: int, linears: dict, stats: dict, method: str,
         pat = {"n_keep": nm[0], "m": nm[1]} if nm is not None else {"sparsity": sparsity}
         new_w, mask = prune_weight(method, w.detach(), options=opts, **pat, **kw)
         w.data.copy_(new_w)
-        mask = mask.bool()
-        mats.append((lname, tuple(w.shape), torch.stack([mask.sum(), (w == 0).sum(), before.sum(),
-                                                         (mask & ~before).sum()])))
+        if world is None:
+            count(lname, w, mask.bool(), before)
+        else:
+            pending.append((lname, w, mask.bool(), before))
+    if world is not None:
+        from owlctl.engine.distributed.stats import share_solutions
+
+        masks = share_solutions(world, [(w, mask) for _n, w, mask, _b in pending])
+        for (lname, w, _m, before), mask in zip(pending, masks):
+            count(lname, w, mask, before)
     counts = torch.stack([m[2] for m in mats]).tolist()
     lin_rows = []
     for (lname, shape, _c), (masked, zeros, pre, newly) in zip(mats, counts):

@@ -72,10 +72,9 @@ def perplexity(model: Any, ids: Any, seqlen: int, *, batch_size: int = 1, max_wi
     not change the result: every window is scored on its own). ``bos_id``: a BOS per window (module docstring).
     Returns {"ppl", "nll_mean" (mean window CE, nats per token), "windows", "tokens" (windows x seqlen),
     "predictions", "seqlen", "window_nll" (per-window mean CE, a list of floats), "bos" ("always" | "never"),
-    "stream_tokens_used"}.
+    "stream_tokens_used"}. Under a launcher (several processes) each rank scores its own batches of windows.
     """
-    import torch
-    import torch.nn.functional as F
+    from owlctl.engine.distributed import current
 
     if batch_size < 1:
         raise InputError(f"--batch-size must be >= 1, got {batch_size}")
@@ -84,6 +83,25 @@ def perplexity(model: Any, ids: Any, seqlen: int, *, batch_size: int = 1, max_wi
         raise InputError(f"--seqlen {seqlen} is longer than the model's {limit} positions "
                          "(max_position_embeddings)", hint=f"use --seqlen {limit} or less")
     wins = windows(ids.long(), seqlen, max_windows, bos_id)
+    n_win = wins.shape[0]
+    world = current()
+    if world is not None:  # several processes: this rank's batches of windows, losses gathered in order
+        from owlctl.engine.distributed.evaluation import gather_losses, my_windows
+        from owlctl.engine.distributed.world import fingerprint
+
+        mine, batches = my_windows(world, wins, batch_size)  # too many processes: fails alike on every rank
+        with world.work(fingerprint(wins)):
+            own = _losses(model, mine, batch_size, device, progress if world.main else None, description)
+            per_window = gather_losses(world, own, batches, batch_size, n_win)
+        return summarise(per_window, n_win, seqlen, bos_id)
+    return summarise(_losses(model, wins, batch_size, device, progress, description), n_win, seqlen, bos_id)
+
+
+def _losses(model: Any, wins: Any, batch_size: int, device: str, progress: Any, description: str) -> list:
+    """Each window's mean cross-entropy (a list of 0-d tensors), ``batch_size`` windows per forward."""
+    import torch
+    import torch.nn.functional as F
+
     n_win = wins.shape[0]
     per_window: list[Any] = []
     cm = progress.task(description, n_win) if progress is not None else None
@@ -104,7 +122,7 @@ def perplexity(model: Any, ids: Any, seqlen: int, *, batch_size: int = 1, max_wi
     finally:
         if cm is not None:
             cm.__exit__(None, None, None)
-    return summarise(per_window, n_win, seqlen, bos_id)
+    return per_window
 
 
 def summarise(per_window: list, n_win: int, seqlen: int, bos_id: int | None) -> dict:

@@ -10,6 +10,11 @@ from owlctl.errors import InputError
 def resolve_device(device: str) -> str:
     import torch
 
+    from owlctl.engine.distributed import current
+
+    world = current()
+    if world is not None:  # several processes: cuda:LOCAL_RANK or cpu, chosen when the group was joined
+        return world.resolve(device)
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda") and not torch.cuda.is_available():
