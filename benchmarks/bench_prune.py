@@ -51,6 +51,7 @@ def main() -> None:
     from owlctl.engine.data import calibration
     from owlctl.engine.data import tokens as data_mod
     from owlctl.engine.models import load_model
+    from owlctl.engine.models.hosts import InMemory
     from owlctl.families import resolve
 
     base, tok, info = load_model("builtin:smollm2-135m")
@@ -70,10 +71,10 @@ def main() -> None:
     t0 = time.perf_counter()
     calib = calibration("builtin:wiki", tok, args.nsamples, args.seqlen, 0)
     t_cal = time.perf_counter() - t0
-    doc, t_prof = profile_model(model, tok, info, calib, outlier_m=(5.0,), device="cpu", batch_size=args.batch_size)
+    doc, t_prof = profile_model(InMemory(model), tok, info, calib, outlier_m=(5.0,), device="cpu", batch_size=args.batch_size)
     alloc = allocation_from_profile(doc, None, None, target_sparsity=args.sparsity, outlier_m=5, lam=0.08)
     t1 = time.perf_counter()
-    _, t_prune = prune_model(model, layout, alloc, args.method, opts, calib, device="cpu", batch_size=args.batch_size)
+    _, t_prune = prune_model(InMemory(model, layout), alloc, args.method, opts, calib, device="cpu", batch_size=args.batch_size)
     t_owl = time.perf_counter() - t0
     results["owlctl"] = {"wall_s": round(t_owl, 2), "calibration_load_s": round(t_cal, 2),
                          "profile": t_prof.as_dict(), "prune": t_prune.as_dict(),
@@ -108,14 +109,14 @@ def main() -> None:
         sc = [wanda_scores(linears[n].weight, stats[n].act_sq_norm()) for n in linears]
         ratios.append(block_outliers(sc, [5.0]))
 
-    t_score = run_blocks(model, layout, calib1.input_ids, device="cpu", batch_size=1,
+    t_score = run_blocks(InMemory(model, layout), calib1.input_ids, device="cpu", batch_size=1,
                          needs=frozenset({"act_norm"}), decide=score, propagate="pruned")  # 2 forwards, batch 1
     t_a = time.perf_counter()
     calib2 = load_uncached()
     t_cal2 = time.perf_counter() - t_a
     assert torch.equal(calib1.input_ids, calib2.input_ids)
     t1 = time.perf_counter()
-    _, t_prune_ref = prune_model(model, layout, alloc, args.method, opts, calib2, device="cpu", batch_size=1)
+    _, t_prune_ref = prune_model(InMemory(model, layout), alloc, args.method, opts, calib2, device="cpu", batch_size=1)
     t_ref = time.perf_counter() - t0
     results["reference_structure"] = {
         "wall_s": round(t_ref, 2), "calibration_load_s": round(t_cal1 + t_cal2, 2), "scoring": t_score.as_dict(),

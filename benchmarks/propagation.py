@@ -64,12 +64,13 @@ def owlctl_driver(model, layout, ids, batch_size):
     import torch
 
     from owlctl.engine.calibration.driver import run_blocks
+    from owlctl.engine.models.hosts import InMemory
 
     outs = {i: [] for i in range(layout.num_blocks)}
     hooks = [b.register_forward_hook(lambda _m, _a, o, i=i: outs[i].append(o[0] if isinstance(o, tuple) else o))
              for i, b in enumerate(layout.blocks)]
     try:
-        run_blocks(model, layout, ids, device="cpu", batch_size=batch_size, needs=frozenset(),
+        run_blocks(InMemory(model, layout), ids, device="cpu", batch_size=batch_size, needs=frozenset(),
                    decide=lambda *a: None, propagate="dense")
     finally:
         for h in hooks:

@@ -49,6 +49,7 @@ def main() -> None:
     from owlctl.engine.evaluation.loaded import evaluate_loaded
     from owlctl.engine.evaluation.texts import token_streams
     from owlctl.engine.models import load_model
+    from owlctl.engine.models.hosts import InMemory
     from owlctl.families import resolve
     from owlctl.ops.plot import plot_allocation
 
@@ -63,7 +64,7 @@ def main() -> None:
     calib = calibration("builtin:wiki", tok, args.nsamples, args.seqlen, 0, bos=bos, bos_requested=args.bos)
     test = token_streams(["builtin:wiki"], "test", tok, bos)
     val = token_streams(["builtin:wiki"], "validation", tok, bos)
-    prof, _ = profile_model(base, tok, info, calib, outlier_m=(3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0, 10.0),
+    prof, _ = profile_model(InMemory(base), tok, info, calib, outlier_m=(3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0, 10.0),
                             device="cpu", batch_size=8)
     (out / f"results_profile{suffix}.json").write_text(json.dumps(prof, indent=1) + "\n")
     model_dict = info.as_dict(layout.family.name, layout.num_blocks)
@@ -79,7 +80,7 @@ def main() -> None:
     def pruned(alloc, method):
         m = copy.deepcopy(base)
         t0 = time.perf_counter()
-        blocks, _ = prune_model(m, resolve(m), alloc, method, opts, calib, device="cpu", batch_size=8)
+        blocks, _ = prune_model(InMemory(m, resolve(m)), alloc, method, opts, calib, device="cpu", batch_size=8)
         total = sum(b["numel"] for b in blocks)
         frac = {k: sum(b[k] for b in blocks) / total for k in ("zeros", "pruned", "preexisting_zeros")}
         return m, frac, time.perf_counter() - t0

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from owlctl.engine.models.hosts import InMemory
+
 
 def _info(model: Any) -> Any:
     from owlctl.engine.models import ModelInfo
@@ -36,7 +38,7 @@ def profile_model(model: Any, tokenizer: Any, *, calib: str = "builtin:wiki", ns
     from owlctl.engine.calibration.profile import profile_model as run
 
     calib_data = _calibration(tokenizer, calib, nsamples, seqlen, seed, bos)
-    doc, _ = run(model, tokenizer, _info(model), calib_data, outlier_m=tuple(sorted({float(m) for m in outlier_m})),
+    doc, _ = run(InMemory(model), tokenizer, _info(model), calib_data, outlier_m=tuple(sorted({float(m) for m in outlier_m})),
                  device=device, batch_size=batch_size, progress=progress, command="api")
     return doc
 
@@ -75,7 +77,7 @@ def prune_model(model: Any, tokenizer: Any, *, method: str = "wanda", target_spa
         allocation = uniform_allocation(info.as_dict(layout.family.name, layout.num_blocks),
                                         [layout.block_name(i) for i in range(layout.num_blocks)], numels,
                                         target_sparsity=target_sparsity, pattern=pattern, command="api")
-    rows, timings = run(model, layout, allocation, method, MethodOptions(), calib_data, device=device,
+    rows, timings = run(InMemory(model, layout), allocation, method, MethodOptions(), calib_data, device=device,
                         batch_size=batch_size, progress=progress)
     report = report_doc(info.as_dict(layout.family.name, layout.num_blocks), method, allocation["pattern"], rows,
                         timings.as_dict(), command="api")

@@ -70,6 +70,18 @@ class Dtype(Choice):
     bf16 = "bf16"
 
 
+class Offload(Choice):
+    auto = "auto"
+    none = "none"
+    disk = "disk"
+
+
+class ActivationPlace(Choice):
+    device = "device"
+    cpu = "cpu"
+    disk = "disk"
+
+
 class Bos(Choice):
     auto = "auto"
     always = "always"
@@ -94,8 +106,15 @@ class ExportFormat(Choice):
 
 
 class SparseKernel(Choice):
+    """owlctl.deploy.kernels.KERNELS (a test keeps the two lists equal): bitmask with the best ISA, a forced
+    ISA, ``csr`` (the old portable kernel's name, now bitmask-portable), or torch's own sparse formats."""
+
     auto = "auto"
     bitmask = "bitmask"
+    bitmask_avx512vbmi2 = "bitmask-avx512vbmi2"
+    bitmask_avx512 = "bitmask-avx512"
+    bitmask_avx2 = "bitmask-avx2"
+    bitmask_portable = "bitmask-portable"
     csr = "csr"
     torch_csr = "torch-csr"
     torch_bsr = "torch-bsr"
@@ -272,9 +291,33 @@ class CalibrationOptions:
     batch_size: int = BATCH_SIZE(8)
 
 
+OFFLOAD = opt("--offload", help="Where the weights wait: none (the whole model in memory) | disk (streamed "
+              "from its safetensors files, one block in memory at a time) | auto (disk when the weights exceed a "
+              "third of the available memory).", choices=Offload)
+OFFLOAD_ACTIVATIONS = opt("--offload-activations", help="Where the hidden states between blocks wait: device "
+                          "(the compute device) | cpu | disk (files in $TMPDIR), for long calibration sets.",
+                          choices=ActivationPlace)
+REVISION = opt("--revision", help="Hub model revision: a branch, tag or commit (recorded as the resolved commit).",
+               metavar="REV")
+TRUST_REMOTE_CODE = opt("--trust-remote-code", help="Allow a hub model to run its own Python code (off by "
+                        "default; recorded in every output).")
+
+
 @dataclass(frozen=True, kw_only=True)
 class ComputeOptions:
-    """Where and in which precision a command computes."""
+    """Where and in which precision a command computes, and how the model is read."""
 
     device: str = DEVICE("auto")
     dtype: str = DTYPE("auto")
+    offload: str = OFFLOAD("auto")
+    offload_activations: str = OFFLOAD_ACTIVATIONS("device")
+    revision: str | None = REVISION(None)
+    trust_remote_code: bool = TRUST_REMOTE_CODE(False)
+
+
+def check_compute(cfg: Any) -> None:
+    """The ComputeOptions of a config (Python API callers get the CLI's checks)."""
+    check_device(cfg.device)
+    check_choice("--dtype", cfg.dtype, Dtype)
+    check_choice("--offload", cfg.offload, Offload)
+    check_choice("--offload-activations", cfg.offload_activations, ActivationPlace)

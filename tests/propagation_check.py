@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 
 from owlctl.engine.calibration.driver import run_blocks
+from owlctl.engine.models.hosts import InMemory
 
 
 def rel_err(got, want):
@@ -38,7 +39,7 @@ def driver_block_io(model, layout, ids, batch_size):
             outs[i].append((out[0] if isinstance(out, tuple) else out).clone())
         handles.append(block.register_forward_hook(hook, with_kwargs=True))
     try:
-        run_blocks(model, layout, ids, device="cpu", batch_size=batch_size, needs=frozenset(),
+        run_blocks(InMemory(model, layout), ids, device="cpu", batch_size=batch_size, needs=frozenset(),
                    decide=lambda *a: None, propagate="dense")
     finally:
         for h in handles:

@@ -16,9 +16,9 @@ p50/p90/p99 pool every timed decode step. Each row checks its first logits again
 \b
 Backends:
   torch         PyTorch's dense kernels (CPU or CUDA).
-  torch-sparse  owlctl's sparse CPU kernels (nonzeros + bitmask on AVX-512, CSR
-                elsewhere) beside a dense-kernel row; on CUDA, 2:4 checkpoints
-                through torch.sparse.to_sparse_semi_structured.
+  torch-sparse  owlctl's sparse CPU kernels (nonzeros + bitmask; AVX-512, AVX2
+                or portable C, --threads threads) beside a dense-kernel row; on
+                CUDA, 2:4 checkpoints through torch.sparse.to_sparse_semi_structured.
   onnxruntime   the model's ONNX export (made once, cached) on onnxruntime.
   deepsparse    DeepSparse 1.8.0 in its own venv; --cpu is short for it and
                 --setup creates the venv.

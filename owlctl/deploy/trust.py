@@ -33,6 +33,36 @@ def _chain(p: Path, root: Path | None) -> list[Path]:
     return chain
 
 
+def check_stat(st: os.stat_result, path: Path, what: str, *, want_dir: bool = False, allow_root: bool = True,
+               error: type[OwlctlError] = UntrustedFileError, hint: str | None = None) -> None:
+    """One file's or directory's status (from lstat or fstat): not a symbolic link, the expected kind, owned
+    by this user (or root with ``allow_root``), not writable by group or others."""
+    uid = os.getuid()
+    kind = "directory" if want_dir else "file"
+    hint = hint or f"remove {path}, or point OWLCTL_CACHE at a directory only you can write"
+    if stat.S_ISLNK(st.st_mode):
+        raise error(f"refusing the {what} {kind} {path}: it is a symbolic link", hint=hint)
+    if want_dir != stat.S_ISDIR(st.st_mode) or (not want_dir and not stat.S_ISREG(st.st_mode)):
+        raise error(f"refusing {path}: not a regular {kind}", hint=hint)
+    if st.st_uid != uid and not (allow_root and st.st_uid == 0):
+        raise error(f"refusing the {what} {kind} {path}: owned by uid {st.st_uid}, not by you (uid {uid})",
+                    hint=hint)
+    if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        raise error(f"refusing the {what} {kind} {path}: it is group- or world-writable "
+                    f"(mode {stat.S_IMODE(st.st_mode):o})", hint=hint)
+
+
+def sha256_fd(fd: int) -> str:
+    """sha256 of an open file, read from its start (what is checked is what is then loaded)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    os.lseek(fd, 0, os.SEEK_SET)
+    while chunk := os.read(fd, 1 << 20):
+        h.update(chunk)
+    return h.hexdigest()
+
+
 def check_private(path: Path, root: Path | None = None, what: str = "file") -> None:
     """``path`` (and each parent up to ``root``) is owned by this user or root and not group/world-writable
     (a sticky parent such as /tmp is fine: others cannot replace what is in it)."""

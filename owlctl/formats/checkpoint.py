@@ -15,7 +15,6 @@ run leaves no half checkpoint.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import struct
 from contextlib import contextmanager
@@ -34,24 +33,6 @@ SIDE_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokeni
               "added_tokens.json", "allocation.json", "owlctl-report.json", "owlctl-source.json")
 ALLOCATION = "allocation.json"
 SOURCE = "owlctl-source.json"
-
-
-def _rewrite_safetensors_metadata(path: Path, extra: dict[str, str]) -> None:
-    """Add string entries to a safetensors file's ``__metadata__`` without loading its tensors."""
-    with open(path, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        head = json.loads(f.read(n))
-        meta = dict(head.get("__metadata__") or {})
-        meta.update(extra)
-        head["__metadata__"] = meta
-        raw = json.dumps(head, separators=(",", ":")).encode()
-        raw += b" " * ((8 - len(raw) % 8) % 8)  # keep the data 8-byte aligned
-        tmp = path.with_name(path.name + ".tmp")
-        with open(tmp, "wb") as g:
-            g.write(struct.pack("<Q", len(raw)))
-            g.write(raw)
-            shutil.copyfileobj(f, g, 1 << 24)
-    os.replace(tmp, path)
 
 
 def read_safetensors_metadata(path: Path) -> dict[str, str]:
@@ -78,29 +59,103 @@ def checkpoint_writer(output: Path, force: bool, claim: OutputClaim | None = Non
         own.commit()
 
 
-def save_checkpoint(model: Any, tokenizer: Any, output: Path, *, force: bool, allocation: dict | None,
-                    report: dict | None, source: dict, dtype: Any = None, claim: OutputClaim | None = None) -> Path:
+def owlctl_metadata(allocation: dict | None) -> dict[str, str]:
+    """The safetensors header metadata owlctl writes into every weight file of a checkpoint."""
     from owlctl.formats.allocation import allocation_sha256
 
-    with checkpoint_writer(output, force, claim) as tmp:
-        if dtype is not None:
-            model.to(dtype)
-        model.save_pretrained(tmp)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        meta = {"owlctl.version": __version__}
-        if allocation is not None:
-            meta["owlctl.allocation"] = json.dumps(allocation, separators=(",", ":"))
-            meta["owlctl.allocation_sha256"] = allocation_sha256(allocation)
-            (tmp / ALLOCATION).write_text(dumps(allocation))
-        for st in tmp.glob("*.safetensors"):
-            _rewrite_safetensors_metadata(st, meta)
-        if report is not None:
-            from owlctl.formats.documents import validate
+    meta = {"owlctl.version": __version__}
+    if allocation is not None:
+        meta["owlctl.allocation"] = json.dumps(allocation, separators=(",", ":"))
+        meta["owlctl.allocation_sha256"] = allocation_sha256(allocation)
+    return meta
 
-            (tmp / REPORT).write_text(dumps(validate("report", report)))
-        (tmp / SOURCE).write_text(dumps(source))
+
+class WeightsWriter:
+    """The weight files of a checkpoint of ``model`` (a live model or a meta skeleton), written tensor by
+    tensor as they become final (formats/shards.py): a block's tensors as soon as it is pruned, the rest at
+    the end. ``names``: model tensor name -> the name it has in the source checkpoint (kept, so tools that
+    read the original names read the pruned model too); ``dtype``: floating tensors are stored in it."""
+
+    def __init__(self, tmp: Path, model: Any, allocation: dict | None, names: dict[str, str] | None = None,
+                 dtype: Any = None, max_shard_bytes: int | None = None) -> None:
+        from owlctl.formats.shards import DEFAULT_MAX_SHARD_BYTES, Entry, ShardWriter, plan_of
+
+        self.model, self.dtype = model, dtype
+        self.names = names or {}
+        plan = plan_of(model, dtype)
+        self.file_name = {e.name: self.names.get(e.name, e.name) for e in plan}
+        self.writer = ShardWriter(tmp, [Entry(self.file_name[e.name], e.dtype, e.shape) for e in plan],
+                                  owlctl_metadata(allocation), max_shard_bytes or DEFAULT_MAX_SHARD_BYTES)
+        self.pending = {e.name for e in plan}
+
+    def write(self, name: str, tensor: Any) -> None:
+        if self.dtype is not None and tensor.is_floating_point() and tensor.dtype != self.dtype:
+            tensor = tensor.to(self.dtype)
+        self.writer.write(self.file_name[name], tensor)
+        self.pending.discard(name)
+
+    def write_module(self, prefix: str, module: Any) -> None:
+        """Every tensor of ``module`` (named ``prefix``.*) that the plan holds."""
+        from owlctl.formats.shards import state_entries
+
+        for name, t in state_entries(module):
+            full = f"{prefix}.{name}"
+            if full in self.pending:
+                self.write(full, t)
+
+    def write_rest(self, tensor_of: Any) -> None:
+        """Every tensor not written yet, from ``tensor_of(model name)``, one at a time."""
+        for name in [n for n in self.file_name if n in self.pending]:
+            self.write(name, tensor_of(name))
+
+    def close(self) -> list[Path]:
+        return self.writer.close()
+
+    def abort(self) -> None:
+        self.writer.abort()
+
+
+def write_records(tmp: Path, model: Any, tokenizer: Any, *, allocation: dict | None, report: dict | None,
+                  source: dict, source_dir: Path | None = None) -> None:
+    """config.json, generation_config.json, the tokenizer and owlctl's records beside the weights."""
+    model.config.save_pretrained(tmp)
+    gen = Path(source_dir) / "generation_config.json" if source_dir is not None else None
+    if gen is not None and gen.is_file():
+        shutil.copy2(gen, tmp / gen.name)
+    elif getattr(model, "generation_config", None) is not None and model.can_generate():
+        model.generation_config.save_pretrained(tmp)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(tmp)
+    if allocation is not None:
+        (tmp / ALLOCATION).write_text(dumps(allocation))
+    if report is not None:
+        from owlctl.formats.documents import validate
+
+        (tmp / REPORT).write_text(dumps(validate("report", report)))
+    (tmp / SOURCE).write_text(dumps(source))
+
+
+def save_checkpoint(model: Any, tokenizer: Any, output: Path, *, force: bool, allocation: dict | None,
+                    report: dict | None, source: dict, dtype: Any = None, claim: OutputClaim | None = None,
+                    names: dict[str, str] | None = None, source_dir: Path | None = None) -> Path:
+    """Write a live model as an owlctl checkpoint (the same files a streamed prune writes block by block)."""
+    with checkpoint_writer(output, force, claim) as tmp:
+        weights = WeightsWriter(tmp, model, allocation, names, dtype)
+        try:
+            weights.write_rest(dict(_state(model)).__getitem__)
+            weights.close()
+        except BaseException:
+            weights.abort()
+            raise
+        write_records(tmp, model, tokenizer, allocation=allocation, report=report, source=source,
+                      source_dir=source_dir)
     return output
+
+
+def _state(model: Any) -> list:
+    from owlctl.formats.shards import state_entries
+
+    return state_entries(model)
 
 
 def read_checkpoint_records(path: Path) -> dict:

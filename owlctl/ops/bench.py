@@ -41,9 +41,10 @@ class BenchConfig:
     batch_size: int = opt("--batch-size", help="Sequences decoded together.", min=1)(1)
     runs: int = opt("--runs", help="Timed runs (>= 3); the median is reported.", min=3)(3)
     warmup: int = opt("--warmup", help="Untimed warm-up runs per row.", min=0)(1)
-    threads: int = opt("--threads", help="CPU threads (torch, onnxruntime, DeepSparse cores). owlctl's sparse "
-                       "kernels use one.", min=1)(1)
-    sparse_kernel: str = opt("--sparse-kernel", help="torch-sparse: which sparse kernel.",
+    threads: int = opt("--threads", help="CPU threads (torch, onnxruntime, DeepSparse cores, and owlctl's sparse "
+                       "kernels).", min=1)(1)
+    sparse_kernel: str = opt("--sparse-kernel", help="torch-sparse: bitmask (best ISA for this CPU), "
+                             "bitmask-ISA (forced), csr (the old name of bitmask-portable), torch-csr, torch-bsr.",
                              choices=SparseKernel)("auto")
     seed: int = opt("--seed", help="Seed of the random prompt.")(0)
     tolerance: float | None = opt("--tolerance", help="Largest allowed |logits - PyTorch dense| per row; above it "

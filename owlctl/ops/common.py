@@ -76,3 +76,10 @@ def resolve_bos(tok: Any, requested: str) -> str:
     if msg:
         warn(msg)
     return resolved
+
+
+def hub_of(cfg: Any) -> Any:
+    """The hub settings of a command's config (``--revision``, ``--trust-remote-code``), as a context."""
+    from owlctl.engine.models import hub
+
+    return hub(getattr(cfg, "revision", None), bool(getattr(cfg, "trust_remote_code", False)))

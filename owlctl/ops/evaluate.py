@@ -1,7 +1,7 @@
 """`owlctl eval`: perplexity with the reference protocol, a sparsity audit, and optional zero-shot accuracy.
 
     evaluate(EvalConfig(model=...))            loads the model (and --compare's), returns one owlctl.eval doc
-    evaluate_loaded(model, tok, data=...)      the same on a model already in memory (e.g. just pruned)
+    evaluate_loaded(model, tok, data=...)    the same on a model already in memory (e.g. just pruned)
     audit_sparsity(model, records)             realised zeros per block / Linear vs the recorded allocation
 
 Perplexity follows SPEC 7.1 exactly (owlctl/engine/perplexity.py) with ``bos="never"``; ``"always"`` gives
@@ -20,7 +20,7 @@ from typing import Any
 
 from owlctl.engine.evaluation.audit import audit_sparsity
 from owlctl.engine.evaluation.defaults import eval_defaults
-from owlctl.engine.evaluation.loaded import _expand_tasks, evaluate_loaded
+from owlctl.engine.evaluation.loaded import _expand_tasks, evaluate_host, evaluate_loaded
 from owlctl.engine.evaluation.texts import (
     C4_WINDOWS,
     SPLITS,
@@ -33,7 +33,7 @@ from owlctl.engine.evaluation.zeroshot import PAPER_TASKS
 from owlctl.errors import InputError, ModelError
 from owlctl.options import BOS, ComputeOptions, Split, arg, opt, parse_list
 
-__all__ = ["EvalConfig", "evaluate", "evaluate_loaded", "audit_sparsity", "eval_defaults", "token_streams",
+__all__ = ["EvalConfig", "evaluate", "evaluate_loaded", "evaluate_host", "audit_sparsity", "eval_defaults", "token_streams",
            "check_calibration_overlap", "PAPER_TASKS", "C4_WINDOWS"]
 
 
@@ -76,11 +76,12 @@ class EvalConfig(ComputeOptions):
 
 
 def _validate(cfg: EvalConfig) -> None:
-    from owlctl.options import Bos, Dtype, check_choice, check_device
+    from owlctl.options import Bos, Dtype, check_choice, check_compute, check_device
 
     check_device(cfg.device)
     check_choice("--dtype", cfg.dtype, Dtype)
     check_choice("--bos", cfg.bos, Bos)
+    check_compute(cfg)
     if cfg.split not in SPLITS:
         hint = "calibration text is never used for evaluation" if cfg.split == "calib" else None
         raise InputError(f"--split must be one of {', '.join(SPLITS)}, got {cfg.split!r}", hint=hint)
@@ -99,19 +100,26 @@ def _validate(cfg: EvalConfig) -> None:
 
 
 # ---------------------------------------------------------------------------------------- evaluate
-def _load(spec: str, dtype: str) -> tuple[Any, Any, Any, dict]:
-    from owlctl.engine.models import load_model
-    from owlctl.families import resolve
+def _load(spec: str, dtype: str, offload: str) -> tuple[Any, Any, Any, dict]:
+    """(host, tokenizer, checkpoint records, model reference): streamed or in memory by ``offload``; a model
+    of a family owlctl cannot walk is loaded into memory (still evaluable, only the audit is empty)."""
+    from owlctl.engine.models import load_model, open_model
+    from owlctl.engine.models.hosts import InMemory
     from owlctl.formats.checkpoint import read_checkpoint_records
 
-    model, tok, info = load_model(spec, dtype)
-    records = read_checkpoint_records(Path(info.path))
     try:
-        layout = resolve(model)
-        ref = info.as_dict(layout.family.name, layout.num_blocks)
-    except ModelError:  # not a family owlctl can walk: still evaluable, only the audit is empty
+        host, tok, info = open_model(spec, dtype, offload)
+    except ModelError as e:
+        if "not a registered family" not in str(e):
+            raise
+        model, tok, info = load_model(spec, dtype)
+        host = InMemory(model)
+    try:
+        ref = info.as_dict(host.layout.family.name, host.layout.num_blocks)
+    except ModelError:
         ref = info.as_dict()
-    return model, tok, records, ref
+    records = read_checkpoint_records(Path(info.path))
+    return host, tok, records, ref
 
 
 def _same_tokenizer(a: Any, b: Any) -> bool:
@@ -175,15 +183,18 @@ def evaluate(cfg: EvalConfig, progress: Any = None) -> dict:
         for source, ids in streams.items():  # too-short corpus: fail before the weights are read
             windows(ids, seqlen, _windows_cap(source, cfg.max_windows),
                     bos_id=tok0.bos_token_id if bos == "always" else None)
-    model, tok, records, desc = _load(cfg.model, cfg.dtype)
+    host, tok, records, desc = _load(cfg.model, cfg.dtype, cfg.offload)
     t_load = time.perf_counter() - t_start
     kw = dict(split=cfg.split, seqlen=seqlen, batch_size=cfg.batch_size, max_windows=cfg.max_windows,
               ppl=cfg.ppl, tasks=tasks, limit=cfg.limit, task_dir=cfg.task_dir, device=device, streams=streams,
-              progress=progress, bos=bos or cfg.bos)
-    res = evaluate_loaded(model, tok, data=data, records=records, **kw)
+              progress=progress, bos=bos or cfg.bos, activations=cfg.offload_activations)
+    try:
+        res = evaluate_host(host, tok, data=data, records=records, **kw)
+    finally:
+        host.close()
     comparison = None
     if cfg.compare is not None:
-        del model
+        del host
         gc.collect()
         comparison = _comparison(cfg, data, kw, res)
     seconds = {"load": round(t_load, 3), **res["seconds"], "total": round(time.perf_counter() - t_start, 3)}
@@ -203,9 +214,12 @@ PROTOCOL = {False: "reference (SPEC 7.1): floor(n/seqlen) non-overlapping window
 def _comparison(cfg: EvalConfig, data: Any, kw: dict, res: dict) -> dict:
     """``--compare``: the second model on the identical token windows, and other/this per source."""
     t0 = time.perf_counter()
-    other, other_tok, other_records, other_desc = _load(cfg.compare, cfg.dtype)
+    other, other_tok, other_records, other_desc = _load(cfg.compare, cfg.dtype, cfg.offload)
     t_other = round(time.perf_counter() - t0, 3)
-    other_res = evaluate_loaded(other, other_tok, data=data, records=other_records, **kw)
+    try:
+        other_res = evaluate_host(other, other_tok, data=data, records=other_records, **kw)
+    finally:
+        other.close()
     other_res["seconds"]["load"] = t_other
     del other
     gc.collect()

@@ -1,9 +1,11 @@
 """`owlctl pipeline`: the main job in one command — profile, allocate (uniform and OWL), prune both ways,
 evaluate dense / uniform / OWL on identical held-out windows, print the comparison.
 
-The model is loaded and the calibration set tokenised once; the profile is one dense pass; each pruned
-variant starts from a fresh copy of the dense weights. With ``output`` set, the profile, both allocations,
-the result document and (with ``save_checkpoints``) both checkpoints are written into that folder.
+The model is opened and the calibration set tokenised once; the profile is one dense pass; each pruned
+variant starts from the dense weights: a fresh copy in memory, or, for a model streamed from its files
+(``--offload disk``), a checkpoint written block by block and evaluated block by block, so the pipeline's
+memory is that of one block too. With ``output`` set, the profile, both allocations, the result document and
+(with ``save_checkpoints``) both checkpoints are written into that folder.
 """
 
 from __future__ import annotations
@@ -71,11 +73,12 @@ def _plan(cfg: PipelineConfig) -> _Plan:
     from owlctl.engine.models import BUILTIN_MODEL, model_config
     from owlctl.ops.checks import check_owl_knobs, check_seqlen, context_length
     from owlctl.ops.common import calib_defaults
-    from owlctl.options import Bos, Method, Split, check_choice, check_device
+    from owlctl.options import Bos, Method, Split, check_choice, check_compute, check_device
 
     check_choice("--method", cfg.method, Method)
     check_choice("--eval-split", cfg.eval_split, Split)
     check_choice("--bos", cfg.bos, Bos)
+    check_compute(cfg)
     check_device(cfg.device)
     check_owl_knobs(cfg.outlier_m, cfg.lam)
     if not (isinstance(cfg.target_sparsity, (int, float)) and 0.0 < cfg.target_sparsity < 1.0):
@@ -99,10 +102,10 @@ def pipeline(cfg: PipelineConfig, progress: Any = None, log: Any = None) -> dict
     """Run the comparison; with ``output`` set, everything is written into a temporary directory beside it
     and renamed into place at the end, so an interrupted run leaves nothing behind."""
     from owlctl.ops.checks import model_inputs
-    from owlctl.ops.common import output_claim
+    from owlctl.ops.common import hub_of, output_claim
 
     plan = _plan(cfg)
-    with output_claim(cfg.output, cfg.force, "dir", inputs=model_inputs(cfg.model)) as claim:
+    with hub_of(cfg), output_claim(cfg.output, cfg.force, "dir", inputs=model_inputs(cfg.model)) as claim:
         doc, files = _run(cfg, plan, progress, log or (lambda _m: None), claim)
         if claim is not None:
             from owlctl.formats._io import dumps
@@ -120,8 +123,7 @@ def _run(cfg: PipelineConfig, plan: _Plan, progress: Any, say: Any, claim: Any) 
     from owlctl.engine.calibration.profile import profile_model
     from owlctl.engine.data import calibration
     from owlctl.engine.evaluation.texts import check_calibration_overlap, token_streams
-    from owlctl.engine.models import load_model, load_tokenizer, local_dir, resolve_device
-    from owlctl.families import resolve
+    from owlctl.engine.models import load_tokenizer, local_dir, open_model, resolve_device
     from owlctl.formats._io import header
     from owlctl.ops.common import peak_rss_mb, resolve_bos
 
@@ -133,13 +135,14 @@ def _run(cfg: PipelineConfig, plan: _Plan, progress: Any, say: Any, claim: Any) 
     streams = token_streams(plan.data, cfg.eval_split, tok, bos)  # bad data fails before the weights are read
     calib = calibration(plan.source, tok, plan.nsamples, plan.seqlen, cfg.seed, bos=bos, bos_requested=cfg.bos)
     overlap = check_calibration_overlap([calib.as_dict()], plan.data, cfg.eval_split)
-    base, tok, info = load_model(cfg.model, cfg.dtype)
-    layout = resolve(base)
+    base, tok, info = open_model(cfg.model, cfg.dtype, cfg.offload)
+    layout = base.layout
     seconds["load"] = round(time.perf_counter() - t_start, 2)
     t0 = time.perf_counter()
     say(f"profiling ({plan.nsamples} x {plan.seqlen} tokens of {plan.source})")
     prof, _ = profile_model(base, tok, info, calib, outlier_m=tuple(sorted({3.0, 5.0, 7.0, float(cfg.outlier_m)})),
-                            device=device, batch_size=cfg.batch_size, progress=progress, command="pipeline")
+                            device=device, batch_size=cfg.batch_size, progress=progress, command="pipeline",
+                            activations=cfg.offload_activations)
     seconds["profile"] = round(time.perf_counter() - t0, 2)
     model_dict = info.as_dict(layout.family.name, layout.num_blocks)
     allocs = {
@@ -187,15 +190,16 @@ class _Context:
     seconds: dict
     claim: Any
 
-    def evaluate(self, model: Any, label: str, blocks: list[dict] | None) -> dict:
-        from owlctl.engine.evaluation.loaded import evaluate_loaded
+    def evaluate(self, host: Any, label: str, blocks: list[dict] | None) -> dict:
+        from owlctl.engine.evaluation.loaded import evaluate_host
 
         t = time.perf_counter()
         p = self.plan
         self.say(f"evaluating {label} on {', '.join(p.data)} ({self.cfg.eval_split} split, seqlen {p.eval_seqlen})")
-        res = evaluate_loaded(model, self.tok, data=p.data, split=self.cfg.eval_split, seqlen=p.eval_seqlen,
-                              batch_size=self.cfg.batch_size, max_windows=p.max_windows, device=self.device,
-                              streams=self.streams, progress=self.progress, bos=self.bos)
+        res = evaluate_host(host, self.tok, data=p.data, split=self.cfg.eval_split, seqlen=p.eval_seqlen,
+                            batch_size=self.cfg.batch_size, max_windows=p.max_windows, device=self.device,
+                            streams=self.streams, progress=self.progress, bos=self.bos,
+                            activations=self.cfg.offload_activations)
         self.seconds[f"eval_{label}"] = round(time.perf_counter() - t, 2)
         ppl = res["perplexity"]
         sp = [b["realised_sparsity"] for b in blocks] if blocks else [0.0]
@@ -208,26 +212,71 @@ class _Context:
                 "prune_seconds": self.seconds.get(f"prune_{label}", 0.0)}
 
     def prune_and_evaluate(self, base: Any, label: str, alloc: dict, checkpoints: dict) -> dict:
+        self.say(f"pruning with {self.cfg.method}, {label} allocation, target {self.cfg.target_sparsity:.0%}")
+        name = f"{self.cfg.method}-{label}"
+        keep = self.claim is not None and self.cfg.save_checkpoints
+        if base.streamed:
+            row = self._streamed_variant(base, label, alloc, name, keep)
+        else:
+            row = self._in_memory_variant(base, label, alloc, name, keep)
+        if keep:
+            checkpoints[label] = str(Path(self.cfg.output) / name)
+        return row
+
+    def _report(self, alloc: dict, blocks: list[dict]) -> dict:
+        from owlctl.formats.checkpoint import report_doc
+
+        report = report_doc(self.model_dict, self.cfg.method, alloc["pattern"], blocks, {}, command="pipeline")
+        report["calibration"] = self.calib.as_dict()  # so `owlctl eval` can refuse overlapping text
+        return report
+
+    def _in_memory_variant(self, base: Any, label: str, alloc: dict, name: str, keep: bool) -> dict:
         from owlctl.core.methods import MethodOptions
         from owlctl.engine.calibration.prune import prune_model
-        from owlctl.families import resolve
+        from owlctl.engine.models.hosts import InMemory
 
-        model = copy.deepcopy(base)
+        host = InMemory(copy.deepcopy(base.model))
         t0 = time.perf_counter()
-        self.say(f"pruning with {self.cfg.method}, {label} allocation, target {self.cfg.target_sparsity:.0%}")
-        blocks, _ = prune_model(model, resolve(model), alloc, self.cfg.method, MethodOptions(), self.calib,
-                                device=self.device, batch_size=self.cfg.batch_size, progress=self.progress)
+        blocks, _ = prune_model(host, alloc, self.cfg.method, MethodOptions(), self.calib, device=self.device,
+                                batch_size=self.cfg.batch_size, progress=self.progress,
+                                activations=self.cfg.offload_activations)
         self.seconds[f"prune_{label}"] = round(time.perf_counter() - t0, 2)
-        row = self.evaluate(model, label, blocks)
-        if self.claim is not None and self.cfg.save_checkpoints:
-            from owlctl.formats.checkpoint import report_doc, save_checkpoint
+        row = self.evaluate(host, label, blocks)
+        if keep:
+            from owlctl.formats.checkpoint import save_checkpoint
 
-            name = f"{self.cfg.method}-{label}"
-            report = report_doc(self.model_dict, self.cfg.method, alloc["pattern"], blocks, {}, command="pipeline")
-            report["calibration"] = self.calib.as_dict()  # so `owlctl eval` can refuse overlapping text
-            save_checkpoint(model, self.tok, self.claim.tmp / name, force=False, allocation=alloc, report=report,
+            save_checkpoint(host.model, self.tok, self.claim.tmp / name, force=False, allocation=alloc,
+                            report=self._report(alloc, blocks), source_dir=Path(self.info.path),
                             source={"id": self.info.id, "content_sha256": self.info.content_sha256,
                                     "method": self.cfg.method})
-            checkpoints[label] = str(Path(self.cfg.output) / name)
-        del model
         return row
+
+    def _streamed_variant(self, base: Any, label: str, alloc: dict, name: str, keep: bool) -> dict:
+        """Prune into a checkpoint (kept in the output folder, or a temporary one), then evaluate it streamed."""
+        import shutil
+        import tempfile
+
+        from owlctl.core.methods import MethodOptions
+        from owlctl.engine.calibration.prune import prune_model
+        from owlctl.engine.calibration.to_disk import block_saver, finish_checkpoint, weights_writer
+        from owlctl.engine.models.hosts import Streamed
+
+        where = self.claim.tmp / name if keep else Path(tempfile.mkdtemp(prefix=f"owlctl-{name}-"))
+        where.mkdir(parents=True, exist_ok=True)
+        try:
+            writer = weights_writer(where, base, self.info, alloc)
+            t0 = time.perf_counter()
+            blocks, _ = prune_model(base, alloc, self.cfg.method, MethodOptions(), self.calib, device=self.device,
+                                    batch_size=self.cfg.batch_size, progress=self.progress,
+                                    after=block_saver(writer, base), activations=self.cfg.offload_activations)
+            self.seconds[f"prune_{label}"] = round(time.perf_counter() - t0, 2)
+            finish_checkpoint(writer, where, base, self.tok, self.info, alloc, self._report(alloc, blocks),
+                              self.cfg.method)
+            pruned = Streamed(where, base.dtype)
+            try:
+                return self.evaluate(pruned, label, blocks)
+            finally:
+                pruned.close()
+        finally:
+            if not keep:
+                shutil.rmtree(where, ignore_errors=True)

@@ -26,10 +26,8 @@ class ProfileConfig(ComputeOptions, CalibrationOptions):
 def profile(cfg: ProfileConfig, progress: Any = None) -> dict:
     """Load the model and calibration data, profile, and write the profile JSON (when ``output`` is set).
     Returns the profile document (with where it was written and the peak memory)."""
-    from owlctl.engine.models import model_config
-    from owlctl.ops.checks import check_seqlen, context_length, model_inputs
-    from owlctl.ops.common import calib_defaults, output_claim
-    from owlctl.options import Bos, check_choice, check_device, finite
+    from owlctl.ops.common import hub_of
+    from owlctl.options import Bos, check_choice, check_compute, check_device, finite
 
     ms = tuple(sorted(set(cfg.outlier_m)))
     if not ms:
@@ -40,6 +38,16 @@ def profile(cfg: ProfileConfig, progress: Any = None) -> dict:
         raise InputError("--batch-size must be >= 1")
     check_device(cfg.device)
     check_choice("--bos", cfg.bos, Bos)
+    check_compute(cfg)
+    with hub_of(cfg):
+        return _profile(cfg, ms, progress)
+
+
+def _profile(cfg: ProfileConfig, ms: tuple[float, ...], progress: Any) -> dict:
+    from owlctl.engine.models import model_config
+    from owlctl.ops.checks import check_seqlen, context_length, model_inputs
+    from owlctl.ops.common import calib_defaults, output_claim
+
     t0 = time.perf_counter()
     config, _ = model_config(cfg.model)
     source, nsamples, seqlen = calib_defaults(cfg.model, cfg.calib, cfg.nsamples, cfg.seqlen,
@@ -47,7 +55,7 @@ def profile(cfg: ProfileConfig, progress: Any = None) -> dict:
     check_seqlen(seqlen, config, cfg.model)
     with output_claim(cfg.output, cfg.force, "file", inputs=model_inputs(cfg.model)) as claim:
         from owlctl.engine.data import calibration
-        from owlctl.engine.models import load_model, load_tokenizer, local_dir, resolve_device
+        from owlctl.engine.models import load_tokenizer, local_dir, open_model, resolve_device
         from owlctl.ops.common import peak_rss_mb, resolve_bos
 
         device = resolve_device(cfg.device)
@@ -55,10 +63,13 @@ def profile(cfg: ProfileConfig, progress: Any = None) -> dict:
         tok0 = load_tokenizer(path)
         calib = calibration(source, tok0, nsamples, seqlen, cfg.seed, bos=resolve_bos(tok0, cfg.bos),
                             bos_requested=cfg.bos)  # before any weight
-        model, tok, info = load_model(cfg.model, cfg.dtype)
+        host, tok, info = open_model(cfg.model, cfg.dtype, cfg.offload)
         t_load = time.perf_counter() - t0
-        doc, _ = profile_model(model, tok, info, calib, outlier_m=ms, device=device, batch_size=cfg.batch_size,
-                               progress=progress)
+        try:
+            doc, _ = profile_model(host, tok, info, calib, outlier_m=ms, device=device, batch_size=cfg.batch_size,
+                                   progress=progress, activations=cfg.offload_activations)
+        finally:
+            host.close()
         doc["seconds"] = {"load": round(t_load, 3), **doc["seconds"], "total": round(time.perf_counter() - t0, 3)}
         if claim is not None:
             from owlctl.formats._io import write_claimed

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from owlctl.engine.calibration.prune import prune_model
+from owlctl.engine.calibration.to_disk import block_saver, finish_checkpoint, weights_writer
 from owlctl.errors import InputError
 from owlctl.options import (
     ALLOCATION,
@@ -63,13 +64,24 @@ class PruneConfig(ComputeOptions, CalibrationOptions):
 
 def _validate(cfg: PruneConfig) -> None:
     from owlctl.ops.checks import check_owl_knobs, prune_pattern
-    from owlctl.options import Balance, Bos, Clamp, Method, WandaGroup, check_choice, check_device, finite
+    from owlctl.options import (
+        Balance,
+        Bos,
+        Clamp,
+        Method,
+        WandaGroup,
+        check_choice,
+        check_compute,
+        check_device,
+        finite,
+    )
 
     check_choice("--method", cfg.method, Method)
     check_choice("--balance", cfg.balance, Balance)
     check_choice("--clamp", cfg.clamp, Clamp)
     check_choice("--wanda-group", cfg.wanda_group, WandaGroup)
     check_choice("--bos", cfg.bos, Bos)
+    check_compute(cfg)
     check_device(cfg.device)
     chosen = [x for x in (cfg.allocation is not None, cfg.from_profile is not None, cfg.uniform) if x]
     if len(chosen) != 1:
@@ -154,12 +166,19 @@ def prune(cfg: PruneConfig, progress: Any = None, command: str = "prune") -> dic
 
     Order: every check that needs no weights (options, config.json shapes and context, the profile or
     allocation against the model, the output location), then the calibration tokens, then the weights."""
+    from owlctl.ops.common import hub_of
+
+    _validate(cfg)
+    with hub_of(cfg):
+        return _prune_checked(cfg, progress, command)
+
+
+def _prune_checked(cfg: PruneConfig, progress: Any, command: str) -> dict:
     from owlctl.core.methods import get
     from owlctl.engine.models import model_config
     from owlctl.ops.checks import check_pattern_fits, check_seqlen, context_length, model_inputs, prune_pattern
     from owlctl.ops.common import calib_defaults, output_claim, weights_bytes
 
-    _validate(cfg)
     t_start = time.perf_counter()
     output = Path(cfg.output) if cfg.output is not None else None
     config, local = model_config(cfg.model)
@@ -181,48 +200,64 @@ def prune(cfg: PruneConfig, progress: Any = None, command: str = "prune") -> dic
 def _prune_claimed(cfg: PruneConfig, claim: Any, early: dict | None, calib_args: tuple | None,
                    t_start: float, progress: Any, command: str) -> dict:
     from owlctl.core.methods import MethodOptions
-    from owlctl.engine.data import calibration
-    from owlctl.engine.models import load_model, load_tokenizer, local_dir, resolve_device
-    from owlctl.families import resolve
-    from owlctl.formats.checkpoint import report_doc, save_checkpoint
-    from owlctl.ops.common import model_bytes, peak_rss_mb, resolve_bos, warn
+    from owlctl.engine.models import open_model, resolve_device
+    from owlctl.formats.checkpoint import report_doc
+    from owlctl.ops.common import model_bytes, peak_rss_mb
 
     output = Path(cfg.output) if cfg.output is not None else None
     device = resolve_device(cfg.device)
     opts = MethodOptions(wanda_group=cfg.wanda_group, wanda_variant=cfg.wanda_variant, blocksize=cfg.blocksize,
                          percdamp=cfg.percdamp)
-    calib = None
     t0 = time.perf_counter()
-    if calib_args is not None:  # tokens before weights: a bad corpus fails before a long load
-        tok0 = load_tokenizer(local_dir(cfg.model)[0])
-        bos = resolve_bos(tok0, cfg.bos)
-        prof_bos = (((early or {}).get("profile") or {}).get("calibration") or {}).get("bos")
-        if prof_bos is not None and prof_bos != bos:
-            warn(f"the profile was calibrated with --bos {prof_bos}, this pruning run calibrates with --bos {bos}")
-        calib = calibration(calib_args[0], tok0, *calib_args[1:], cfg.seed, bos=bos, bos_requested=cfg.bos)
+    calib = _calibration(cfg, early, calib_args)  # tokens before weights: a bad corpus fails before a long load
     t_calib = time.perf_counter() - t0
     t0 = time.perf_counter()
-    model, tok, info = load_model(cfg.model, cfg.dtype)
-    layout = resolve(model)
-    alloc = _allocation(cfg, info, layout, early)  # validates the allocation against the model before any work
-    t_load = time.perf_counter() - t0
-    rows, timings = prune_model(model, layout, alloc, cfg.method, opts, calib, device=device,
-                                batch_size=cfg.batch_size, progress=progress)
-    model_dict = info.as_dict(layout.family.name, layout.num_blocks)
-    seconds = {"load": round(t_load, 3), "calibration_data": round(t_calib, 3), **timings.as_dict(),
-               "total": round(time.perf_counter() - t_start, 3)}
-    report = report_doc(model_dict, cfg.method, alloc["pattern"], rows, seconds, command=command)
-    report["calibration"] = calib.as_dict() if calib is not None else None
-    report["method_options"] = {"wanda_group": cfg.wanda_group, "wanda_variant": cfg.wanda_variant,
-                                "blocksize": cfg.blocksize, "percdamp": cfg.percdamp}
-    if output is not None:
-        from owlctl.progress import note
+    host, tok, info = open_model(cfg.model, cfg.dtype, cfg.offload)
+    try:
+        layout = host.layout
+        alloc = _allocation(cfg, info, layout, early)  # checks the allocation against the model before any work
+        t_load = time.perf_counter() - t0
+        writer = weights_writer(claim.tmp, host, info, alloc) if output is not None else None
+        try:
+            rows, timings = prune_model(host, alloc, cfg.method, opts, calib, device=device,
+                                        batch_size=cfg.batch_size, progress=progress,
+                                        after=block_saver(writer, host) if writer is not None else None,
+                                        activations=cfg.offload_activations)
+        except BaseException:
+            if writer is not None:
+                writer.abort()
+            raise
+        model_dict = info.as_dict(layout.family.name, layout.num_blocks)
+        seconds = {"load": round(t_load, 3), "calibration_data": round(t_calib, 3), **timings.as_dict(),
+                   "total": round(time.perf_counter() - t_start, 3)}
+        report = report_doc(model_dict, cfg.method, alloc["pattern"], rows, seconds, command=command)
+        report["calibration"] = calib.as_dict() if calib is not None else None
+        report["method_options"] = {"wanda_group": cfg.wanda_group, "wanda_variant": cfg.wanda_variant,
+                                    "blocksize": cfg.blocksize, "percdamp": cfg.percdamp}
+        if writer is not None:
+            from owlctl.progress import note
 
-        note(f"writing {output}")
-        save_checkpoint(model, tok, output, force=cfg.force, allocation=alloc, report=report,
-                        source={"id": info.id, "content_sha256": info.content_sha256, "method": cfg.method},
-                        claim=claim)
-    return _summary(report, alloc, output, peak_rss_mb(), model_bytes(model))
+            note(f"writing {output}")
+            finish_checkpoint(writer, claim.tmp, host, tok, info, alloc, report, cfg.method)
+            claim.commit()
+        return _summary(report, alloc, output, peak_rss_mb(), model_bytes(host.model))
+    finally:
+        host.close()
+
+
+def _calibration(cfg: PruneConfig, early: dict | None, calib_args: tuple | None) -> Any:
+    from owlctl.engine.data import calibration
+    from owlctl.engine.models import load_tokenizer, local_dir
+    from owlctl.ops.common import resolve_bos, warn
+
+    if calib_args is None:
+        return None
+    tok0 = load_tokenizer(local_dir(cfg.model)[0])
+    bos = resolve_bos(tok0, cfg.bos)
+    prof_bos = (((early or {}).get("profile") or {}).get("calibration") or {}).get("bos")
+    if prof_bos is not None and prof_bos != bos:
+        warn(f"the profile was calibrated with --bos {prof_bos}, this pruning run calibrates with --bos {bos}")
+    return calibration(calib_args[0], tok0, *calib_args[1:], cfg.seed, bos=bos, bos_requested=cfg.bos)
 
 
 def _summary(report: dict, alloc: dict, output: Path | None, peak_mb: float, model_b: int) -> dict:

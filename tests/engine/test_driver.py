@@ -6,6 +6,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from owlctl.core.methods import wanda_scores
 from owlctl.engine.calibration.driver import run_blocks
 from owlctl.engine.data import calibration
+from owlctl.engine.models.hosts import InMemory
 from owlctl.families import resolve
 
 
@@ -49,7 +50,7 @@ def test_batched_statistics_match_full_model_forward(tiny_llama, text_file):
         for n in linears:
             got[(i, n)] = stats[n].act_sq_norm().double()
 
-    t = run_blocks(model, layout, calib.input_ids, device="cpu", batch_size=2, needs=frozenset({"act_norm"}),
+    t = run_blocks(InMemory(model, layout), calib.input_ids, device="cpu", batch_size=2, needs=frozenset({"act_norm"}),
                    decide=decide, propagate="dense")
     assert set(got) == set(ref)
     for k in ref:
@@ -72,9 +73,9 @@ def test_pruned_propagation_changes_later_statistics(tiny_llama, text_file):
                     lin.weight.data[:, ::2] = 0  # prune half the columns of every Linear
         return decide
 
-    run_blocks(model, layout, calib.input_ids, device="cpu", batch_size=4, needs=frozenset({"act_norm"}),
+    run_blocks(InMemory(model, layout), calib.input_ids, device="cpu", batch_size=4, needs=frozenset({"act_norm"}),
                decide=observe(dense, False), propagate="dense")
-    run_blocks(model, layout, calib.input_ids, device="cpu", batch_size=4, needs=frozenset({"act_norm"}),
+    run_blocks(InMemory(model, layout), calib.input_ids, device="cpu", batch_size=4, needs=frozenset({"act_norm"}),
                decide=observe(pruned, True), propagate="pruned")
     assert torch.allclose(dense[0], pruned[0])  # block 0 sees the embeddings in both runs
     assert not torch.allclose(dense[1], pruned[1])  # block 1 sees block 0's pruned outputs
@@ -90,7 +91,7 @@ def test_hooks_removed_when_decide_raises(tiny_llama, text_file):
         raise RuntimeError("boom")
 
     try:
-        run_blocks(model, layout, calib.input_ids, device="cpu", batch_size=2, needs=frozenset({"act_norm"}),
+        run_blocks(InMemory(model, layout), calib.input_ids, device="cpu", batch_size=2, needs=frozenset({"act_norm"}),
                    decide=boom, propagate="pruned")
     except RuntimeError:
         pass
@@ -105,7 +106,7 @@ def test_profile_counts_match_naive_scores(tiny_llama, text_file):
     layout = resolve(model)
     calib = calibration(str(text_file), tok, nsamples=3, seqlen=20, seed=1)
     norms = _naive_act_norms(model, layout, calib.input_ids)
-    doc, _ = profile_model(model, tok, info, calib, outlier_m=(3.0, 5.0), device="cpu", batch_size=2)
+    doc, _ = profile_model(InMemory(model), tok, info, calib, outlier_m=(3.0, 5.0), device="cpu", batch_size=2)
     for b in doc["blocks"]:
         i = b["index"]
         scores = torch.cat([(lin.weight.double().abs() * norms[(i, n)].sqrt()).flatten()

@@ -12,6 +12,7 @@ from tiny import FAMILIES, SLIDING, VARIANTS
 from transformers import AutoModelForCausalLM
 
 from owlctl.engine.calibration.driver import run_blocks
+from owlctl.engine.models.hosts import InMemory
 from owlctl.families import resolve
 
 NAMES = list(FAMILIES) + list(VARIANTS)
@@ -74,7 +75,7 @@ def test_statistics_equal_full_model_hook_loop(name, tiny_models):
         for n in linears:
             got[(i, n)] = stats[n].act_sq_norm().double()
 
-    run_blocks(model, layout, ids, device="cpu", batch_size=2, needs=frozenset({"act_norm"}), decide=decide,
+    run_blocks(InMemory(model, layout), ids, device="cpu", batch_size=2, needs=frozenset({"act_norm"}), decide=decide,
                propagate="dense")
     assert set(got) == set(want)
     for key in want:
@@ -89,7 +90,7 @@ def test_blocks_of_one_type_share_their_inputs(tiny_models):
     model = _model(tiny_models, "gemma3_text-hybrid")
     layout = resolve(model)
     with torch.inference_mode():
-        inputs = capture_inputs(model, layout, _ids(), "cpu", batch_size=2)
+        inputs = capture_inputs(InMemory(model, layout), _ids(), "cpu", batch_size=2)
     kw = inputs.kwargs
     assert len(kw) == layout.num_blocks and all(len(k) == 3 for k in kw)  # 3 batches per block
     pe = [k[0]["position_embeddings"] for k in kw]

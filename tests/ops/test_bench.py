@@ -5,7 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from owlctl.engine import sparse_kernels as sk
+from owlctl.deploy.kernels import build
+from owlctl.deploy.kernels import linear as kl
+from owlctl.deploy.kernels.semi_structured import is_two_four
 from owlctl.errors import InputError, ModelError
 from owlctl.ops.bench import BenchConfig, bench
 
@@ -23,8 +25,7 @@ def _cache(tmp_path_factory, monkeypatch):
 
 def _kernels():
     ks = ["csr", "torch-csr", "torch-bsr"]
-    lib = sk.kernel_library(required=False)
-    if lib is not None and lib.owl_has_avx512():
+    if build.available()[0]:
         ks.insert(0, "bitmask")
     return ks
 
@@ -38,7 +39,7 @@ def test_sparse_linear_matches_dense(kernel, shape, bias):
     with torch.no_grad():
         lin.weight.mul_(torch.rand(out_f, in_f) > 0.7)
         lin.weight[0] = 0  # an empty row
-    sl = sk.sparse_linear(lin, kernel)
+    sl = kl.sparse_linear(lin, kernel)
     assert sl.nnz == int(torch.count_nonzero(lin.weight))
     for tokens in ((1, 1), (1, 5), (3, 17), (1, 150)):  # decode (one vector), several tokens, several tiles
         x = torch.randn(*tokens, in_f)
@@ -48,13 +49,13 @@ def test_sparse_linear_matches_dense(kernel, shape, bias):
 
 def test_resolve_kernel_rejects_unknown():
     with pytest.raises(InputError, match="unknown sparse kernel"):
-        sk.resolve_kernel("magic")
+        kl.resolve_kernel("magic")
 
 
 def test_two_four_pattern_check():
     w = torch.tensor([[1.0, 0, 2, 0, 0, 0, 3, 4]])
-    assert sk.is_two_four(w)
-    assert not sk.is_two_four(torch.ones(1, 8))
+    assert is_two_four(w)
+    assert not is_two_four(torch.ones(1, 8))
 
 
 def test_sparsified_model_logits_equal_dense(pruned70):
@@ -63,7 +64,7 @@ def test_sparsified_model_logits_equal_dense(pruned70):
 
     dense, _, _ = load_model(str(pruned70))
     sparse, _, _ = load_model(str(pruned70))
-    info = sk.sparsify(sparse, "auto")
+    info = kl.sparsify(sparse, "auto")
     assert info["swapped"] == 3 * 7 and info["sparse_bytes"] < info["dense_bytes"]
     ids = torch.randint(0, 260, (2, 12))
     with torch.inference_mode():

@@ -157,7 +157,7 @@ def test_interrupt_while_saving_leaves_nothing(tiny_llama, text_file, tmp_path, 
     def boom(*a, **k):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(ck, "_rewrite_safetensors_metadata", boom)
+    monkeypatch.setattr(ck, "write_records", boom)  # after the weights, before the rename
     with pytest.raises(KeyboardInterrupt):
         prune(_cfg(tiny_llama, tmp_path / "ck", text_file, method="magnitude", uniform=True, target_sparsity=0.5))
     assert list(tmp_path.iterdir()) == []

@@ -80,16 +80,18 @@ def row_torch(spec: str, cfg: Any, prompt: Any, kernel: str | None, task: Any, l
     extra: dict[str, Any] = {}
     reference = None
     if kernel is not None:
-        from owlctl.engine import sparse_kernels
-
         if device.startswith("cuda"):
+            from owlctl.deploy.kernels.semi_structured import semi_structured
+
             model.to(device)
-            extra["sparse"] = sparse_kernels.semi_structured(model)
+            extra["sparse"] = semi_structured(model)
             kernel = extra["sparse"]["kernel"]
         else:
             with torch.inference_mode():  # dense logits of the same weights, before the swap
                 reference = model(input_ids=prompt[:1, :16]).logits[0, -1].float()
-            extra["sparse"] = sparse_kernels.sparsify(model, kernel)
+            from owlctl.deploy.kernels.linear import sparsify
+
+            extra["sparse"] = sparsify(model, kernel, threads=cfg.threads)
             kernel = extra["sparse"]["kernel"]
     else:
         model.to(device)

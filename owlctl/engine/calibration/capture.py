@@ -11,13 +11,12 @@ reference's Catcher) computes the wrong thing for them. The hidden states enteri
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import torch
 
-from owlctl.families import ModelLayout
+from owlctl.engine.calibration.activations import Activations
 
 _DROP_KWARGS = ("past_key_values", "past_key_value", "layer_past", "cache", "use_cache", "output_attentions")
 
@@ -26,31 +25,12 @@ class _StopForward(Exception):
     pass
 
 
-def _non_block_modules(model: Any, layout: ModelLayout) -> list[Any]:
-    prefix = layout.blocks_path + "."
-    return [m for n, m in model.named_modules()
-            if n and not n.startswith(prefix) and n != layout.blocks_path and not list(m.children())]
-
-
-@contextmanager
-def _outside_blocks_on(model: Any, layout: ModelLayout, device: str) -> Iterator[None]:
-    mods = _non_block_modules(model, layout)
-    if device != "cpu":
-        for m in mods:
-            m.to(device)
-    try:
-        yield
-    finally:
-        if device != "cpu":
-            for m in mods:
-                m.to("cpu")
-
-
 @dataclass
 class BlockInputs:
     """What the driver feeds the blocks, per calibration batch b:
 
-    - ``hidden[b]``: the hidden states entering the current block (replaced by each block's outputs);
+    - ``hidden[b]``: the hidden states entering the current block (replaced by each block's outputs), kept
+      where ``--offload-activations`` says (engine/calibration/activations.py);
     - ``args[i][b]`` / ``kwargs[i][b]``: block i's own other inputs for batch b, exactly as the model passed
       them (minus the KV-cache arguments). They are references, not copies: blocks of the same layer type
       receive the very same tensor objects from the model, and tensors equal to one stored for an earlier
@@ -58,7 +38,7 @@ class BlockInputs:
       one mask / rotary table per layer type and batch shape, not one per block and batch.
     """
 
-    hidden: list[torch.Tensor]
+    hidden: Activations
     args: list[list[tuple]]
     kwargs: list[list[dict]]
     nseq: list[int]
@@ -109,10 +89,12 @@ class _BlockStub(torch.nn.Module):
         return (hidden,) if self.output_form(args, kwargs) else hidden
 
 
-def capture_inputs(model: Any, layout: ModelLayout, input_ids: torch.Tensor, device: str,
-                   batch_size: int) -> BlockInputs:
+def capture_inputs(host: Any, input_ids: torch.Tensor, device: str, batch_size: int,
+                   activations: str = "device") -> BlockInputs:
     """One cheap pass over the calibration batches (embeddings only; every block is a recording stub)
-    that collects block 0's input hidden states and every block's own other inputs."""
+    that collects block 0's input hidden states and every block's own other inputs. ``host``: where the
+    model's modules come from (engine/models/hosts.py)."""
+    model, layout = host.model, host.layout
     blocks = layout.blocks
     n = len(blocks)
     originals = [blocks[i] for i in range(n)]
@@ -127,21 +109,21 @@ def capture_inputs(model: Any, layout: ModelLayout, input_ids: torch.Tensor, dev
         # Learn once whether the real blocks return a tuple, by running the real block 0 on its inputs
         # (.forward: its hooks, e.g. a caller's, must not see this extra call).
         if not tuple_out:
-            block0 = originals[0]
-            if device != "cpu":
-                block0.to(device)
+            blocks[0] = originals[0]
             try:
-                tuple_out.append(isinstance(block0.forward(*args, **kwargs), (tuple, list)))
+                with host.block(0, device) as block0:
+                    tuple_out.append(isinstance(block0.forward(*args, **kwargs), (tuple, list)))
             finally:
-                if device != "cpu":
-                    block0.to("cpu")
+                blocks[0] = stubs[0]
         return tuple_out[0]
 
-    hidden, args_l, kwargs_l, nseq = [], [[] for _ in range(n)], [[] for _ in range(n)], []
+    hidden = Activations(activations, device)
+    args_l, kwargs_l, nseq = [[] for _ in range(n)], [[] for _ in range(n)], []
+    stubs = [_BlockStub(i, i == n - 1, record, output_form) for i in range(n)]
     try:
         for i in range(n):
-            blocks[i] = _BlockStub(i, i == n - 1, record, output_form)
-        with _outside_blocks_on(model, layout, device):
+            blocks[i] = stubs[i]
+        with host.outside(device):
             for start in range(0, input_ids.shape[0], batch_size):
                 batch = input_ids[start:start + batch_size].to(device)
                 current.clear()
@@ -163,6 +145,9 @@ def capture_inputs(model: Any, layout: ModelLayout, input_ids: torch.Tensor, dev
                     args_l[i].append(pool.share(args))
                     kwargs_l[i].append(pool.share(kw))
                 nseq.append(batch.shape[0])
+    except BaseException:
+        hidden.close_root()
+        raise
     finally:
         for i in range(n):
             blocks[i] = originals[i]
@@ -171,5 +156,5 @@ def capture_inputs(model: Any, layout: ModelLayout, input_ids: torch.Tensor, dev
 
 
 def _block_forward(block: Any, inputs: BlockInputs, i: int, b: int) -> torch.Tensor:
-    out = block(inputs.hidden[b], *inputs.args[i][b], **inputs.kwargs[i][b])
+    out = block(inputs.hidden[b], *inputs.args[i][b], **inputs.kwargs[i][b])  # hidden: on the device
     return out[0] if isinstance(out, (tuple, list)) else out

@@ -73,76 +73,91 @@ def collect_statistics(layout: ModelLayout, block_index: int, needs: frozenset[s
 
 
 DecideFn = Callable[[int, Any, dict[str, Any], dict[str, InputStatistics]], None]
+AfterFn = Callable[[int, Any], None]
 
 
-def _run_data_free(layout: ModelLayout, device: str, decide: DecideFn, progress: Any, description: str) -> Timings:
+def _run_data_free(host: Any, device: str, decide: DecideFn, after: AfterFn | None, progress: Any,
+                   description: str) -> Timings:
     timings = Timings()
+    layout = host.layout
     t0 = time.perf_counter()
     with progress_task(progress, description, layout.num_blocks) as task, torch.inference_mode():
         for i in range(layout.num_blocks):
-            block = layout.blocks[i]
-            if device != "cpu":
-                block.to(device)
-            decide(i, block, layout.linears(i), {})
-            if device != "cpu":
-                block.to("cpu")
+            with host.block(i, device) as block:
+                decide(i, block, layout.linears(i), {})
+                if after is not None:
+                    after(i, block)
             task.advance(1, info=f"block {i + 1}/{layout.num_blocks}")
     timings.decide = time.perf_counter() - t0
     return timings
 
 
-def run_blocks(model: Any, layout: ModelLayout, input_ids: torch.Tensor | None, *, device: str, batch_size: int,
+def run_blocks(host: Any, input_ids: torch.Tensor | None, *, device: str, batch_size: int,
                needs: frozenset[str], decide: DecideFn, propagate: str, progress: Any = None,
-               description: str = "blocks") -> Timings:
-    """Drive every block: observe its inputs (hooks), ``decide`` (prune or score), and propagate. With
-    ``input_ids`` None (a data-free method) every block goes straight to ``decide`` with no statistics.
+               description: str = "blocks", after: AfterFn | None = None, activations: str = "device") -> Timings:
+    """Drive every block of ``host`` (engine/models/hosts.py: a model in memory or streamed from its files):
+    observe its inputs (hooks), ``decide`` (prune or score), propagate, then ``after(i, block)`` while the
+    block is still on the device (the streamed prune writes it out there). With ``input_ids`` None (a
+    data-free method) every block goes straight to ``decide`` with no statistics.
 
     ``propagate="dense"``: the block is not changed by ``decide`` (profiling), so the outputs of the observing
     forward feed the next block (one forward per block). ``propagate="pruned"``: after ``decide`` changed the
     block, a second forward produces the next block's inputs from the pruned weights (SPEC 1.4).
+    ``activations``: where the hidden states between blocks are kept (device | cpu | disk).
     """
     if propagate not in ("dense", "pruned"):
         raise ValueError(propagate)
     if input_ids is None:  # a data-free method (magnitude): no capture, no forwards
-        return _run_data_free(layout, device, decide, progress, description)
+        return _run_data_free(host, device, decide, after, progress, description)
     timings = Timings()
-    model.config.use_cache = False
+    layout = host.layout
+    host.model.config.use_cache = False
     with torch.inference_mode():
         t0 = time.perf_counter()
-        inputs = capture_inputs(model, layout, input_ids, device, batch_size)
+        inputs = capture_inputs(host, input_ids, device, batch_size, activations)
         _sync(device)
         timings.capture = time.perf_counter() - t0
         nblocks = layout.num_blocks
-        with progress_task(progress, description, nblocks) as task:
-            for i in range(nblocks):
-                block = layout.blocks[i]
-                if device != "cpu":
-                    block.to(device)
-                current = [0]
-                outs: list[torch.Tensor] = []
-                t0 = time.perf_counter()
-                with collect_statistics(layout, i, needs, device, timings, current) as stats:
-                    for b in range(len(inputs.hidden)):
-                        current[0] = inputs.nseq[b]
-                        out = _block_forward(block, inputs, i, b)
-                        if propagate == "dense":
-                            outs.append(out)
-                _sync(device)
-                timings.forwards += time.perf_counter() - t0
-                t0 = time.perf_counter()
-                decide(i, block, layout.linears(i), stats)
-                _sync(device)
-                timings.decide += time.perf_counter() - t0
-                del stats
-                if propagate == "pruned":
-                    t0 = time.perf_counter()
-                    outs = [_block_forward(block, inputs, i, b) for b in range(len(inputs.hidden))]
-                    _sync(device)
-                    timings.propagate += time.perf_counter() - t0
-                inputs.hidden = outs
-                if device != "cpu":
-                    block.to("cpu")
-                task.advance(1, info=f"block {i + 1}/{nblocks}")
+        try:
+            with progress_task(progress, description, nblocks) as task:
+                for i in range(nblocks):
+                    with host.block(i, device) as block:
+                        _one_block(host, block, i, inputs, needs, decide, propagate, timings, device)
+                        if after is not None:
+                            after(i, block)
+                    task.advance(1, info=f"block {i + 1}/{nblocks}")
+        finally:
+            inputs.hidden.close_root()
     timings.forwards -= timings.statistics
     timings.block_forwards_per_sample = 1 if propagate == "dense" else 2
     return timings
+
+
+def _one_block(host: Any, block: Any, i: int, inputs: Any, needs: frozenset[str], decide: DecideFn, propagate: str,
+               timings: Timings, device: str) -> None:
+    """Observe, decide and propagate one block; ``inputs.hidden`` becomes the next block's inputs."""
+    layout = host.layout
+    current = [0]
+    outs = inputs.hidden.new()
+    t0 = time.perf_counter()
+    with collect_statistics(layout, i, needs, device, timings, current) as stats:
+        for b in range(len(inputs.hidden)):
+            current[0] = inputs.nseq[b]
+            out = _block_forward(block, inputs, i, b)
+            if propagate == "dense":
+                outs.append(out)
+    _sync(device)
+    timings.forwards += time.perf_counter() - t0
+    t0 = time.perf_counter()
+    decide(i, block, layout.linears(i), stats)
+    _sync(device)
+    timings.decide += time.perf_counter() - t0
+    del stats
+    if propagate == "pruned":
+        t0 = time.perf_counter()
+        for b in range(len(inputs.hidden)):
+            outs.append(_block_forward(block, inputs, i, b))
+        _sync(device)
+        timings.propagate += time.perf_counter() - t0
+    inputs.hidden.close()
+    inputs.hidden = outs

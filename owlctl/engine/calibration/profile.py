@@ -6,16 +6,17 @@ from __future__ import annotations
 from typing import Any
 
 
-def profile_model(model: Any, tok: Any, info: Any, calib: Any, *, outlier_m: tuple[float, ...], device: str,
-                  batch_size: int, progress: Any = None, command: str = "profile") -> tuple[dict, Any]:
-    """Profile a loaded model on given calibration windows; returns (profile document, timings)."""
+def profile_model(host: Any, tok: Any, info: Any, calib: Any, *, outlier_m: tuple[float, ...], device: str,
+                  batch_size: int, progress: Any = None, command: str = "profile",
+                  activations: str = "device") -> tuple[dict, Any]:
+    """Profile the model of ``host`` (engine/models/hosts.py: in memory or streamed) on given calibration
+    windows; returns (profile document, timings)."""
     from owlctl.core.methods import wanda_scores
     from owlctl.core.outliers import block_outliers
-    from owlctl.families import resolve
     from owlctl.formats._io import header
     from owlctl.formats.profile import m_key
 
-    layout = resolve(model)
+    layout = host.layout
     blocks: list[dict] = []
     keys = [m_key(m) for m in outlier_m]
 
@@ -36,9 +37,9 @@ def profile_model(model: Any, tok: Any, info: Any, calib: Any, *, outlier_m: tup
 
     from owlctl.engine.calibration.driver import run_blocks
 
-    timings = run_blocks(model, layout, calib.input_ids, device=device, batch_size=batch_size,
+    timings = run_blocks(host, calib.input_ids, device=device, batch_size=batch_size,
                          needs=frozenset({"act_norm"}), decide=decide, propagate="dense", progress=progress,
-                         description="profile")
+                         description="profile", activations=activations)
     doc = {**header("profile", command, info.as_dict(layout.family.name, layout.num_blocks), timings.as_dict()),
            "calibration": calib.as_dict(),
            "score": {"name": "wanda", "definition": "|W_ij| * sqrt(mean_k ||X_k[:, j]||_2^2)",

@@ -15,13 +15,15 @@ def _targets(alloc: dict) -> list[tuple[float | None, tuple[int, int] | None]]:
     return [(float(b["sparsity"]), None) for b in alloc["blocks"]]
 
 
-def prune_model(model: Any, layout: Any, alloc: dict, method: str, opts: Any, calib: Any, *, device: str,
-                batch_size: int, progress: Any = None) -> tuple[list[dict], Any]:
-    """Prune a loaded model in place following ``alloc``; returns (per-block report rows, timings).
-    Data-free methods (magnitude) run no calibration forward (``calib`` may be None)."""
+def prune_model(host: Any, alloc: dict, method: str, opts: Any, calib: Any, *, device: str, batch_size: int,
+                progress: Any = None, after: Any = None, activations: str = "device") -> tuple[list[dict], Any]:
+    """Prune the model of ``host`` (engine/models/hosts.py) following ``alloc``: in place for a model in
+    memory; for a streamed one ``after(i, block)`` must save each block before it is dropped. Returns (per-block
+    report rows, timings). Data-free methods (magnitude) run no calibration forward (``calib`` may be None)."""
     from owlctl.core.methods import get
     from owlctl.engine.calibration.driver import run_blocks
 
+    layout = host.layout
     needs = get(method).needs
     targets = _targets(alloc)
     _check_targets(layout, targets)
@@ -30,9 +32,9 @@ def prune_model(model: Any, layout: Any, alloc: dict, method: str, opts: Any, ca
     def decide(i: int, _block: Any, linears: dict, stats: dict) -> None:
         rows.append(prune_block(layout.block_name(i), i, linears, stats, method, targets[i], opts))
 
-    timings = run_blocks(model, layout, calib.input_ids if needs else None, device=device, batch_size=batch_size,
+    timings = run_blocks(host, calib.input_ids if needs else None, device=device, batch_size=batch_size,
                          needs=needs, decide=decide, propagate="pruned", progress=progress,
-                         description=f"prune ({method})")
+                         description=f"prune ({method})", after=after, activations=activations)
     return rows, timings
 
 

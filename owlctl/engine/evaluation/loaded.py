@@ -1,5 +1,6 @@
-"""Evaluating a model already in memory: perplexity on each source's windows, the sparsity audit, and
-zero-shot tasks; the model is moved to the device for it and back."""
+"""Evaluating an opened model: perplexity on each source's windows, the sparsity audit, and zero-shot tasks.
+A model in memory is moved to the device for it and back; a streamed one passes block by block
+(engine/evaluation/streamed.py), and zero-shot tasks (lm-eval drives the whole model) materialise it whole."""
 
 from __future__ import annotations
 
@@ -33,12 +34,19 @@ def _check_seqlen(model: Any, seqlen: int) -> None:
                          "(max_position_embeddings)", hint=f"use --seqlen {limit} or less")
 
 
-def evaluate_loaded(model: Any, tok: Any, *, data: Sequence[str] = ("builtin:wiki",), split: str = "test",
+def evaluate_loaded(model: Any, tok: Any, **kw: Any) -> dict:
+    """evaluate_host for a model the caller holds in memory."""
+    from owlctl.engine.models.hosts import InMemory
+
+    return evaluate_host(InMemory(model), tok, **kw)
+
+
+def evaluate_host(host: Any, tok: Any, *, data: Sequence[str] = ("builtin:wiki",), split: str = "test",
                     seqlen: int = 2048, batch_size: int = 1, max_windows: int | None = None, ppl: bool = True,
                     tasks: Sequence[str] | None = None, limit: int | None = None, task_dir: str | None = None,
                     device: str = "cpu", records: dict | None = None, streams: dict | None = None,
-                    progress: Any = None, bos: str = "auto") -> dict:
-    """Evaluate a model already in memory: {"perplexity": {source: {...}}, "audit": {...}, "zeroshot": {...} |
+                    progress: Any = None, bos: str = "auto", activations: str = "device") -> dict:
+    """Evaluate the model of ``host`` (engine/models/hosts.py): {"perplexity": {source: {...}}, "audit": {...}, "zeroshot": {...} |
     None, "seconds": {...}}. ``records`` = {"allocation": doc, "report": doc} for the audit (None: "no
     allocation recorded"); ``streams`` = {source: token ids} to reuse (e.g. for an identical comparison), made
     by token_streams with the same ``bos`` (auto | always | never: a BOS per window, see engine/data).
@@ -55,8 +63,12 @@ def evaluate_loaded(model: Any, tok: Any, *, data: Sequence[str] = ("builtin:wik
         raise InputError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
     tasks = _expand_tasks(tasks)
     seconds: dict[str, float] = {}
-    streams = _prepare(model, tok, data, split, seqlen, max_windows, ppl, tasks, task_dir, streams, bos, bos_id,
+    streams = _prepare(host.model, tok, data, split, seqlen, max_windows, ppl, tasks, task_dir, streams, bos, bos_id,
                        seconds)
+    if host.streamed:
+        return _evaluate_streamed(host, tok, streams or {}, records, split, seqlen, batch_size, max_windows, tasks,
+                                  limit, task_dir, device, progress, bos_id, activations, seconds)
+    model = host.model
     t0 = time.perf_counter()
     audit = audit_sparsity(model, records)
     seconds["audit"] = round(time.perf_counter() - t0, 3)
@@ -79,6 +91,47 @@ def evaluate_loaded(model: Any, tok: Any, *, data: Sequence[str] = ("builtin:wik
         if moved:
             model.to(home)
     return {"perplexity": results, "audit": audit, "zeroshot": zs, "seconds": seconds}
+
+
+def _evaluate_streamed(host: Any, tok: Any, streams: dict, records: dict | None, split: str, seqlen: int,
+                       batch_size: int, max_windows: int | None, tasks: tuple | None, limit: int | None,
+                       task_dir: Any, device: str, progress: Any, bos_id: int | None, activations: str,
+                       seconds: dict) -> dict:
+    from owlctl.engine.evaluation.audit import Auditor
+    from owlctl.engine.evaluation.streamed import audit_streamed, perplexity_streamed
+
+    auditor = Auditor(records or {}, host.layout.num_blocks)
+    results: dict[str, dict] = {}
+    t0 = time.perf_counter()
+    for k, (source, ids) in enumerate(streams.items()):
+        cap = _windows_cap(source, max_windows)
+        res = perplexity_streamed(host, ids, seqlen, batch_size=batch_size, max_windows=cap, device=device,
+                                  progress=progress, description=f"ppl {source}", bos_id=bos_id,
+                                  auditor=auditor if k == 0 else None, activations=activations)
+        results[source] = {"source": source, "split": split, **res, "stream_tokens": int(ids.numel()),
+                           "windows_sha256": _windows_sha256(ids, seqlen, cap, bos_id)}
+    if streams:
+        seconds["perplexity"] = round(time.perf_counter() - t0, 3)
+    else:
+        t0 = time.perf_counter()
+        audit_streamed(host, auditor, device)
+        seconds["audit"] = round(time.perf_counter() - t0, 3)
+    zs = None
+    if tasks:
+        from owlctl.engine.evaluation.zeroshot import zeroshot
+        from owlctl.progress import note
+
+        note("zero-shot tasks run the whole model: reading all of its weights into memory")
+        t0 = time.perf_counter()
+        mods = list(host.model.modules())
+        host.materialise(mods, device)
+        try:
+            zs = zeroshot(host.model, tok, tasks, limit=limit, task_dir=task_dir, batch_size=batch_size,
+                          show_progress=interactive(progress))
+        finally:
+            host.release(mods)
+        seconds["zeroshot"] = round(time.perf_counter() - t0, 3)
+    return {"perplexity": results, "audit": auditor.summary(), "zeroshot": zs, "seconds": seconds}
 
 
 def _prepare(model: Any, tok: Any, data: tuple, split: str, seqlen: int, max_windows: int | None, ppl: bool,

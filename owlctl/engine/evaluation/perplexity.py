@@ -104,7 +104,14 @@ def perplexity(model: Any, ids: Any, seqlen: int, *, batch_size: int = 1, max_wi
     finally:
         if cm is not None:
             cm.__exit__(None, None, None)
-    window_nll = torch.stack(per_window).double().cpu()  # one device sync, at the end
+    return summarise(per_window, n_win, seqlen, bos_id)
+
+
+def summarise(per_window: list, n_win: int, seqlen: int, bos_id: int | None) -> dict:
+    """The result document of a perplexity run from its per-window mean cross-entropies (one device sync)."""
+    import torch
+
+    window_nll = torch.stack(per_window).double().cpu()
     nll_mean = float(window_nll.mean())
     if not math.isfinite(nll_mean):
         raise DataError(f"the model produced a non-finite loss ({nll_mean}) on the evaluation windows",
