@@ -94,13 +94,18 @@ class SearchConfig(ComputeOptions, CalibrationOptions):
 
 def _validate(cfg: SearchConfig) -> Any:
     from owlctl.ops.checks import prune_pattern
-    from owlctl.options import Balance, Bos, Method, check_choice, check_device, finite
+    from owlctl.options import Balance, Bos, Method, check_choice, check_compute, finite
 
     check_choice("--method", cfg.method, Method)
     check_choice("--balance", cfg.balance, Balance)
     check_choice("--bos", cfg.bos, Bos)
     check_choice("--objective-split", cfg.objective_split, Split)
-    check_device(cfg.device)
+    check_compute(cfg)
+    if cfg.offload == "disk":
+        raise InputError("search keeps the model in memory: the objective runs the whole model for every "
+                         "candidate (the level database itself is on disk, --db)",
+                         hint="drop --offload disk (or use --offload none); for a model too large for memory, "
+                              "use `owlctl allocate` and prune with --offload disk")
     if cfg.objective_split == "test":
         raise InputError("the search objective never reads the test split: it is the held-out text for "
                          "`owlctl eval`, and choosing an allocation on it would flatter the result",
@@ -132,12 +137,19 @@ def search(cfg: SearchConfig, progress: Any = None) -> dict:
 
     Order: option checks, config.json checks, the profile, calibration and objective tokens, the output
     location; then the weights."""
+    from owlctl.ops.common import hub_of
+
+    t_start = time.perf_counter()
+    budget, nm = _validate(cfg)
+    with hub_of(cfg):
+        return _search(cfg, budget, nm, t_start, progress)
+
+
+def _search(cfg: SearchConfig, budget: Any, nm: Any, t_start: float, progress: Any) -> dict:
     from owlctl.engine.models import model_config
     from owlctl.ops.checks import check_pattern_fits, check_seqlen, context_length, model_inputs
     from owlctl.ops.common import calib_defaults, output_claim
 
-    t_start = time.perf_counter()
-    budget, nm = _validate(cfg)
     config, _local = model_config(cfg.model)
     check_pattern_fits(nm, config, cfg.model)
     source, nsamples, seqlen = calib_defaults(cfg.model, cfg.calib, cfg.nsamples, cfg.seqlen, context_length(config))

@@ -36,8 +36,11 @@ def run_claimed(cfg: Any, budget: Any, nm: tuple[int, int] | None, calib_args: t
     model, tok, info = load_model(cfg.model, cfg.dtype)
     layout = resolve(model)
     if profile is None:
-        doc, _ = profile_model(model, tok, info, calib, outlier_m=PROFILE_MS, device=device,
-                               batch_size=cfg.batch_size, progress=progress, command="search")
+        from owlctl.engine.models.hosts import InMemory
+
+        doc, _ = profile_model(InMemory(model, layout), tok, info, calib, outlier_m=PROFILE_MS, device=device,
+                               batch_size=cfg.batch_size, progress=progress, command="search",
+                               activations=cfg.offload_activations)
         profile = (doc, None, None)
     numels = [sum(lin.weight.numel() for lin in layout.linears(i).values()) for i in range(layout.num_blocks)]
     space = _space(cfg, nm, numels)
@@ -47,7 +50,8 @@ def run_claimed(cfg: Any, budget: Any, nm: tuple[int, int] | None, calib_args: t
                     lambdas=tuple(cfg.lambdas or (DEFAULT_NM_LAMBDAS if nm else DEFAULT_LAMBDAS)),
                     balance=cfg.balance, budget=budget,
                     settings=EvolveSettings(cfg.offspring, cfg.survivors, cfg.max_swaps, cfg.seed),
-                    topk=cfg.topk, db=db, owl_only=cfg.owl_only, verify=cfg.verify)
+                    topk=cfg.topk, db=db, owl_only=cfg.owl_only, verify=cfg.verify,
+                    activations=cfg.offload_activations)
     model_dict = info.as_dict(layout.family.name, layout.num_blocks)
     store = _store(db, cfg, job, calib, model_dict, opts, numels)
     obj_data = {"source": obj_source, "split": cfg.objective_split, "windows": int(wins.shape[0]),

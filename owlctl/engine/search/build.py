@@ -1,10 +1,10 @@
 """Building the level database block by block on the uniform path (see database.py for why that path).
 
-Its own block loop over the calibration driver's pieces (capture_inputs, _block_forward, collect_statistics,
-prune_block), so it does not depend on how run_blocks drives a prune. Per block: one observing forward of
-the dense block (statistics), one prune per level from the dense weights, one forward of the block at the
-target level to make the next block's inputs. A finished block is not rebuilt: on resume its target level
-is read back and only its forward runs.
+One pass of the calibration driver (run_blocks, pruned propagation) over a model held in memory: per block,
+the observing forward of the dense block gives the statistics, ``decide`` prunes the block at every level
+from its dense weights and writes them, and leaves it at the target level, whose forward makes the next
+block's inputs. A finished block is not rebuilt: on resume its target level is read back (its statistics
+forward still runs; it is what the next block's inputs need anyway).
 """
 
 from __future__ import annotations
@@ -16,60 +16,36 @@ from owlctl.engine.search.database import LevelStore, level_targets
 from owlctl.engine.search.space import Space
 
 
-def build_levels(model: Any, layout: Any, calib_ids: Any, method: str, opts: Any, space: Space, store: LevelStore,
-                 *, device: str, batch_size: int, progress: Any = None) -> float:
+def build_levels(host: Any, calib_ids: Any, method: str, opts: Any, space: Space, store: LevelStore,
+                 *, device: str, batch_size: int, progress: Any = None, activations: str = "device") -> float:
     """Write every missing block of the database; the model's blocks end at the target level (uniform).
-    Returns the seconds spent."""
-    import torch
-
+    ``host``: an in-memory host (engine/models/hosts.InMemory). Returns the seconds spent."""
     from owlctl.core.methods import get
-    from owlctl.engine.calibration.capture import _block_forward, capture_inputs
-    from owlctl.progress import task as progress_task
-
-    t0 = time.perf_counter()
-    needs = get(method).needs
-    model.config.use_cache = False
-    with torch.inference_mode():
-        inputs = capture_inputs(model, layout, calib_ids, device, batch_size) if needs else None
-        with progress_task(progress, f"levels ({method})", layout.num_blocks) as task:
-            for i in range(layout.num_blocks):
-                block = layout.blocks[i]
-                if device != "cpu":
-                    block.to(device)
-                if store.done(i):
-                    set_block(layout, i, store.weights(i, 0))
-                else:
-                    _build_block(layout, i, inputs, method, opts, space, store, device, needs)
-                if inputs is not None:
-                    inputs.hidden = [_block_forward(block, inputs, i, b) for b in range(len(inputs.hidden))]
-                if device != "cpu":
-                    block.to("cpu")
-                task.advance(1, info=f"block {i + 1}/{layout.num_blocks}, {len(space.levels)} levels")
-    return time.perf_counter() - t0
-
-
-def _build_block(layout: Any, i: int, inputs: Any, method: str, opts: Any, space: Space, store: LevelStore,
-                 device: str, needs: frozenset) -> None:
-    from owlctl.engine.calibration.capture import _block_forward
-    from owlctl.engine.calibration.driver import Timings, collect_statistics
+    from owlctl.engine.calibration.driver import run_blocks
     from owlctl.engine.calibration.prune import prune_block
 
-    linears = layout.linears(i)
-    dense = {n: lin.weight.detach().clone() for n, lin in linears.items()}
-    stats: dict = {}
-    if inputs is not None:
-        current = [0]
-        with collect_statistics(layout, i, needs, device, Timings(), current) as stats:
-            for b in range(len(inputs.hidden)):
-                current[0] = inputs.nseq[b]
-                _block_forward(layout.blocks[i], inputs, i, b)
-    levels: dict[int, dict] = {}
+    t0 = time.perf_counter()
+    layout = host.layout
+    needs = get(method).needs
     targets = level_targets(space)
-    for k in sorted(targets, key=lambda k: (k == 0, k)):  # the target level last: it stays in the block
-        set_block(layout, i, dense)
-        prune_block(layout.block_name(i), i, linears, stats, method, targets[k], opts)
-        levels[k] = {n: lin.weight.detach().cpu().clone() for n, lin in linears.items()}
-    store.write_block(i, {n: w.cpu() for n, w in dense.items()}, levels)
+    order = sorted(targets, key=lambda k: (k == 0, k))  # the target level last: it stays in the block
+
+    def decide(i: int, _block: Any, linears: dict, stats: dict) -> None:
+        if store.done(i):
+            set_block(layout, i, store.weights(i, 0))
+            return
+        dense = {n: lin.weight.detach().clone() for n, lin in linears.items()}
+        levels: dict[int, dict] = {}
+        for k in order:
+            set_block(layout, i, dense)
+            prune_block(layout.block_name(i), i, linears, stats, method, targets[k], opts)
+            levels[k] = {n: lin.weight.detach().cpu().clone() for n, lin in linears.items()}
+        store.write_block(i, {n: w.cpu() for n, w in dense.items()}, levels)
+
+    run_blocks(host, calib_ids if needs else None, device=device, batch_size=batch_size, needs=needs,
+               decide=decide, propagate="pruned", progress=progress,
+               description=f"levels ({method}, {len(space.levels)} per block)", activations=activations)
+    return time.perf_counter() - t0
 
 
 def set_block(layout: Any, i: int, weights: dict) -> None:

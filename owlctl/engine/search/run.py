@@ -31,6 +31,7 @@ class SearchJob:
     db: Path
     owl_only: bool = False
     verify: bool = True
+    activations: str = "device"  # where the driver keeps hidden states between blocks (--offload-activations)
 
 
 def make_seeds(space: Space, profile_doc: dict, job: SearchJob, numels: Sequence[int]) -> list[dict]:
@@ -83,8 +84,9 @@ def run_search(model: Any, layout: Any, calib: Any, wins: Any, profile_doc: dict
     t0 = time.perf_counter()
     ref = dense_reference(_whole(model, device), wins, job.topk, device, progress)
     seconds["reference"] = time.perf_counter() - t0
-    seconds["database"] = build_levels(_whole(model, "cpu"), layout, calib.input_ids, job.method, job.opts,
-                                       job.space, store, device=device, batch_size=batch_size, progress=progress)
+    seconds["database"] = build_levels(_host(model, layout), calib.input_ids, job.method, job.opts, job.space,
+                                       store, device=device, batch_size=batch_size, progress=progress,
+                                       activations=job.activations)
     _whole(model, device)
     log = EvaluationLog(Path(job.db) / f"evaluations-{windows_sha256(wins)[:12]}-k{job.topk}.jsonl")
     prior = log.seconds
@@ -130,6 +132,14 @@ def _search(job: SearchJob, seeds: list[dict], score: Callable, nwin: int, clock
         return evolve(job.space, seeds, score, nwin, job.settings, job.budget, clock, report)
 
 
+def _host(model: Any, layout: Any) -> Any:
+    """The model as the calibration driver's host, the whole model back on the CPU first (the driver moves
+    one block at a time to the device)."""
+    from owlctl.engine.models.hosts import InMemory
+
+    return InMemory(_whole(model, "cpu"), layout)
+
+
 def _whole(model: Any, device: str) -> Any:
     """The whole model on ``device`` for the objective's forwards; on the CPU for the block drivers, which
     move one block at a time to the device."""
@@ -150,8 +160,8 @@ def verify(model: Any, layout: Any, alloc: dict, job: SearchJob, calib: Any, win
     for i in range(layout.num_blocks):
         set_block(layout, i, cands.store.dense(i))
         cands.current[i] = None
-    prune_model(_whole(model, "cpu"), layout, alloc, job.method, job.opts, calib, device=device,
-                batch_size=batch_size)
+    prune_model(_host(model, layout), alloc, job.method, job.opts, calib, device=device, batch_size=batch_size,
+                activations=job.activations)
     _whole(model, device)
     values = [window_kl(model, wins[w], result["ref"][w], device) for w in range(len(wins))]
     return sum(values) / len(values)
