@@ -14,7 +14,7 @@ from uniform and OWL at every (M, lambda) of a grid, and evolves the allocation 
 another a level down: the mean stays exactly the target) to lower the KL divergence between the dense and
 the pruned model's next-token distributions on validation windows (never the test split). The winner's
 objective is never above uniform's or any OWL seed's. Writes an ordinary allocation file for
-`prune --allocation` / `nm --allocation`. --owl-only only picks the best (M, lambda) (cheap). An
+`prune --allocation` / `nm --allocation`. --mode owl-grid only picks the best (M, lambda) of the grid, or uniform (cheap). An
 interrupted search resumes from its database: run the same command again.
 
 \b
@@ -22,7 +22,7 @@ Examples:
   owlctl search builtin:smollm2-135m --method wanda -s 0.7 --budget 20m -o search70.json
   owlctl prune builtin:smollm2-135m --method wanda --allocation search70.json -o wanda-search70
   owlctl search builtin:smollm2-135m --method wanda --pattern 3:8 --budget 300 -o mixed38.json
-  owlctl search builtin:smollm2-135m --method sparsegpt -s 0.7 --owl-only -o owl-tuned.json
+  owlctl search builtin:smollm2-135m --method sparsegpt -s 0.7 --mode owl-grid -o owl-tuned.json
 """
 
 

@@ -194,7 +194,7 @@ class SearchVerified(Struct, kw_only=True):
 class SearchInfo(Struct, kw_only=True):
     """What ``owlctl search`` measured and how (params.search of an allocation it wrote)."""
 
-    mode: str  # "evolve" | "owl-only"
+    mode: str  # "evolve" | "owl-grid"
     objective: str
     definition: str
     objective_data: SearchObjectiveData
@@ -213,7 +213,7 @@ class SearchInfo(Struct, kw_only=True):
     evaluations: int
     generations: int
     improvements: int
-    stopped: str = "budget"  # "budget" | "exhausted" | "owl-only"
+    stopped: str = "budget"  # "budget" | "exhausted" | "owl-grid"
     window_forwards: int
     rounds: list[SearchRound]
     verified: Optional[SearchVerified]

@@ -21,11 +21,17 @@ from owlctl.options import (
     PATTERN,
     TARGET_SPARSITY,
     CalibrationOptions,
+    Choice,
     ComputeOptions,
     Split,
     opt,
     parse_floats,
 )
+
+
+class SearchMode(Choice):
+    evolve = "evolve"
+    owl_grid = "owl-grid"
 
 
 def parse_budget(text: Any) -> Any:
@@ -63,8 +69,9 @@ class SearchConfig(ComputeOptions, CalibrationOptions):
                       parse=parse_budget, cli_type=str)("20m")
     db: Path | None = opt("--db", help="Level database directory, kept for resuming and reuse (default: "
                           "OUTPUT.search-db beside the output).", metavar="DIR")(None)
-    owl_only: bool = opt("--owl-only", help="Cheap mode: only pick OWL's (M, lambda) from the grid (or "
-                         "uniform) on the objective; writes OWL's own allocation.")(False)
+    mode: str = opt("--mode", help="evolve: the evolutionary search | owl-grid (cheap): only pick OWL's (M, "
+                    "lambda) from the seed grid, or uniform, on the objective; writes OWL's own allocation.",
+                    choices=SearchMode)("evolve")
     outlier_ms: tuple[float, ...] | None = opt("--seed-m", help="M values of the OWL seeds (default: those "
                                                "of 3,5,7,9 profiled, else all profiled).", parse=parse_floats, cli_type=str)(None)
     lambdas: tuple[float, ...] | None = opt("--seed-lambda", help="lambda values of the OWL seeds (default: "
@@ -100,6 +107,7 @@ def _validate(cfg: SearchConfig) -> Any:
     check_choice("--balance", cfg.balance, Balance)
     check_choice("--bos", cfg.bos, Bos)
     check_choice("--objective-split", cfg.objective_split, Split)
+    check_choice("--mode", cfg.mode, SearchMode)
     check_compute(cfg)
     if cfg.offload == "disk":
         raise InputError("search keeps the model in memory: the objective runs the whole model for every "

@@ -50,7 +50,7 @@ def run_claimed(cfg: Any, budget: Any, nm: tuple[int, int] | None, calib_args: t
                     lambdas=tuple(cfg.lambdas or (DEFAULT_NM_LAMBDAS if nm else DEFAULT_LAMBDAS)),
                     balance=cfg.balance, budget=budget,
                     settings=EvolveSettings(cfg.offspring, cfg.survivors, cfg.max_swaps, cfg.seed),
-                    topk=cfg.topk, db=db, owl_only=cfg.owl_only, verify=cfg.verify,
+                    topk=cfg.topk, db=db, owl_only=cfg.mode == "owl-grid", verify=cfg.verify,
                     activations=cfg.offload_activations)
     model_dict = info.as_dict(layout.family.name, layout.num_blocks)
     store = _store(db, cfg, job, calib, model_dict, opts, numels)
@@ -121,7 +121,7 @@ def _search_and_document(model: Any, layout: Any, calib: Any, wins: Any, profile
 
 def _document(offsets: tuple, out: Any, job: SearchJob, cfg: Any, profile: tuple, model_dict: dict,
               calib: Any) -> dict:
-    """The allocation document of ``offsets`` (owl-only mode: OWL's own allocation for the best seed)."""
+    """The allocation document of ``offsets`` (owl-grid mode: OWL's own allocation for the best seed)."""
     from owlctl.engine.allocation import allocation_from_profile
     from owlctl.formats.allocation import build_allocation_doc
     from owlctl.formats.profile import block_names, block_numels, block_ratios, m_key
@@ -161,7 +161,7 @@ def _info(out: Any, job: SearchJob, cfg: Any, calib: Any, obj_data: dict, result
     if job.owl_only and chosen == "search":
         chosen = best["name"]
     return {
-        "mode": "owl-only" if job.owl_only else "evolve", "objective": "kl", "definition": OBJECTIVE,
+        "mode": "owl-grid" if job.owl_only else "evolve", "objective": "kl", "definition": OBJECTIVE,
         "objective_data": obj_data, "method": job.method, "method_options": dataclasses.asdict(job.opts),
         "levels": {"built_from": "uniform path", "step": space.step, "values": [space.value(k) for k in space.levels]},
         "budget": job.budget.as_dict(), "seed": cfg.seed, "calibration_sha256": calib.sha256, "data_sha256": data_sha,

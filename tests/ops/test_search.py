@@ -17,8 +17,8 @@ from owlctl.engine.search.space import mutate, nm_space, snap, unstructured_spac
 from owlctl.errors import InputError
 from owlctl.ops.search import SearchConfig, parse_budget, search
 
-SMALL = dict(nsamples=4, seqlen=32, objective_windows=4, objective_seqlen=16, offspring=4, survivors=2,
-             device="cpu")
+SMALL = {"nsamples": 4, "seqlen": 32, "objective_windows": 4, "objective_seqlen": 16, "offspring": 4,
+         "survivors": 2, "device": "cpu"}
 
 
 def _cfg(model, text_file, tmp_path, name="a", **kw):
@@ -176,9 +176,9 @@ def test_verify_and_mixed_nm(tiny_llama, text_file, tmp_path):
 
 
 def test_owl_only(tiny_llama, text_file, tmp_path):
-    doc = search(_cfg(tiny_llama, text_file, tmp_path, owl_only=True, balance="params"))
+    doc = search(_cfg(tiny_llama, text_file, tmp_path, mode="owl-grid", balance="params"))
     info = doc["params"]["search"]
-    assert info["mode"] == "owl-only" and info["evaluations"] == 0 and info["rounds"] == []
+    assert info["mode"] == "owl-grid" and info["evaluations"] == 0 and info["rounds"] == []
     assert doc["params"]["allocator"] in ("owl", "uniform")
     assert info["chosen"] == info["best_seed"]
     assert doc["allocated_sparsity"] == pytest.approx(0.5, abs=1e-9)
@@ -226,3 +226,44 @@ def test_json_output_validates(tiny_llama, text_file, tmp_path):
     jsonschema.validate(doc, schema)
     assert doc["command"] == "search" and doc["schema"] == "owlctl.allocation/2"
     assert json.loads((tmp_path / "s.json").read_text())["params"]["search"]["seed"] == 0
+
+
+def test_time_budget_stops_when_the_space_is_exhausted(tiny_llama, text_file, tmp_path):
+    """A tiny space has few neighbours: a time budget stops once no new child turns up, not at the clock."""
+    doc = search(_cfg(tiny_llama, text_file, tmp_path, budget="30m", level_step=0.25, spread=0.25))
+    info = doc["params"]["search"]
+    assert info["stopped"] == "exhausted" and info["budget"] == {"kind": "minutes", "value": 30.0}
+    assert doc["mean_block_sparsity"] == pytest.approx(0.5, abs=1e-12)
+    assert all(info["winner_objective"] <= s["objective"] for s in info["seeds"])
+
+
+def test_plain_lines_per_round_and_quiet(tiny_llama, text_file, tmp_path):
+    r = _cli(tiny_llama, text_file, tmp_path / "p.json", "-s", "0.5", "--budget", "4", "--offspring", "2",
+             "--no-verify")
+    assert r.exit_code == 0, r.stderr
+    lines = [x for x in r.stderr.splitlines() if x.startswith("search generation")]
+    assert len(lines) == 2 and "best" in lines[-1]  # 4 children, 2 per round, off a terminal
+    r = _cli(tiny_llama, text_file, tmp_path / "q.json", "-s", "0.5", "--budget", "4", "--offspring", "2",
+             "--no-verify", "-q")
+    assert r.exit_code == 0 and r.stderr == ""
+
+
+@pytest.mark.parametrize("damage", ["manifest", "level"])
+def test_damaged_database(first, tiny_llama, text_file, tmp_path, damage):
+    import shutil
+
+    _doc, tmp = first
+    db = tmp_path / "db"
+    shutil.copytree(tmp / "a.json.search-db", db)
+    target = db / "manifest.json" if damage == "manifest" else db / "block_001" / "k+0.safetensors"
+    target.write_bytes(target.read_bytes()[:40])
+    r = _cli(tiny_llama, text_file, tmp_path / "d.json", "-s", "0.5", "--budget", "12", "--offspring", "4",
+             "--objective-windows", "4", "--no-verify", "--db", str(db))
+    assert r.exit_code == 1, r.stderr
+    assert "damaged" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "d.json").exists()
+
+
+def test_offload_disk_refused(tiny_llama, text_file, tmp_path):
+    r = _cli(tiny_llama, text_file, tmp_path / "x.json", "-s", "0.5", "--offload", "disk")
+    assert r.exit_code == 1 and "in memory" in r.stderr

@@ -99,19 +99,28 @@ class LevelStore:
     # ------------------------------------------------------------------------------------------- reading
     def dense(self, i: int) -> dict:
         if i not in self.dense_cache:
-            from safetensors.torch import load_file
-
-            self.dense_cache = {i: load_file(str(_block_dir(self.root, i) / "dense.safetensors"))}
+            self.dense_cache = {i: self._load(_block_dir(self.root, i) / "dense.safetensors")}
         return self.dense_cache[i]
+
+    def _load(self, path: Path) -> dict:
+        """A database file, or a clear error naming the damaged block (it is rebuilt once removed)."""
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path))
+        except (OSError, SafetensorError) as e:
+            raise InputError(f"the search database {self.root} is damaged: {path.name} of {path.parent.name} "
+                             f"cannot be read ({e})",
+                             hint=f"delete {path.parent} (that block is rebuilt on the next run) or the whole "
+                                  "database") from None
 
     def weights(self, i: int, k: int) -> dict:
         """{linear name: weight} of block i at level offset k."""
         if (i, k) in self.cache:
             self.cache.move_to_end((i, k))
             return self.cache[(i, k)]
-        from safetensors.torch import load_file
-
-        flat = load_file(str(_block_dir(self.root, i) / _level_name(k)))
+        flat = self._load(_block_dir(self.root, i) / _level_name(k))
         dense = self.dense(i)
         parts: dict[str, dict] = {}
         for name, t in flat.items():
@@ -135,7 +144,11 @@ def open_store(root: Path, manifest: dict, cache_mb: float = 1024.0) -> LevelSto
     root = Path(root)
     path = root / "manifest.json"
     if path.is_file():
-        have = json.loads(path.read_text())
+        try:
+            have = json.loads(path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise InputError(f"the search database {root} is damaged: its manifest.json cannot be read ({e})",
+                             hint=f"delete {root} (the search rebuilds it) or give another --db") from None
         if have != manifest:
             diff = sorted(k for k in set(have) | set(manifest) if have.get(k) != manifest.get(k))
             raise InputError(f"the search database {root} was built for other settings (differs in: "

@@ -20,8 +20,8 @@ the only other input is the objective, which a resumed run reads from the evalua
 from __future__ import annotations
 
 import random
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
 
 from owlctl.engine.search.space import Space, mutate
 

@@ -19,8 +19,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 
 def heldout_windows(source: str, split: str, tok: Any, seqlen: int, nwindows: int, bos: str) -> Any:
@@ -84,16 +85,17 @@ class EvaluationLog:
             for line in self.path.read_text().splitlines():
                 try:
                     rec = json.loads(line)
-                except json.JSONDecodeError:  # a line cut by an interrupt
+                    key, w, kl, t = str(rec["key"]), int(rec["w"]), float(rec["kl"]), float(rec.get("t", 0.0))
+                except (json.JSONDecodeError, KeyError, TypeError, ValueError):  # a line cut by an interrupt
                     continue
-                self.values.setdefault(rec["key"], {})[int(rec["w"])] = float(rec["kl"])
-                self.seconds = max(self.seconds, float(rec.get("t", 0.0)))
+                self.values.setdefault(key, {})[w] = kl
+                self.seconds = max(self.seconds, t)
         self._fh = None
 
     def add(self, key: str, w: int, value: float, t: float) -> None:
         self.values.setdefault(key, {})[w] = value
         if self._fh is None:
-            self._fh = open(self.path, "a", encoding="utf-8")
+            self._fh = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 (kept open for the run, closed by close())
         self._fh.write(json.dumps({"key": key, "w": w, "kl": value, "t": round(t, 3)}) + "\n")
         self._fh.flush()
         os.fsync(self._fh.fileno())

@@ -4,9 +4,10 @@ and the ``params.search`` section of the allocation document it writes."""
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 from owlctl.engine.search.evolve import Budget, EvolveSettings, Outcome, evolve, score_seeds
 from owlctl.engine.search.space import Space, key, mixed_offsets, unstructured_offsets
@@ -111,23 +112,27 @@ def run_search(model: Any, layout: Any, calib: Any, wins: Any, profile_doc: dict
 
 
 def _search(job: SearchJob, seeds: list[dict], score: Callable, nwin: int, clock: Callable, progress: Any) -> Outcome:
-    from owlctl.progress import note
+    from owlctl.progress import interactive, note
     from owlctl.progress import task as progress_task
 
     if job.owl_only:
         scored = score_seeds(seeds, score, nwin)
         best = min(range(len(scored)), key=lambda i: (scored[i]["objective"], i))
-        return Outcome(tuple(scored[best]["offsets"]), scored[best]["objective"], scored, stopped="owl-only")
+        return Outcome(tuple(scored[best]["offsets"]), scored[best]["objective"], scored, stopped="owl-grid")
     total = job.budget.evaluations
-    with progress_task(progress, "search", total) as task:
+    live = interactive(progress)
+    with progress_task(progress if live else None, "search", total) as task:
         last = [0]
 
         def report(rnd: dict) -> None:
-            if rnd["improved"]:
-                note(f"generation {rnd['generation']}: objective {rnd['best_objective']:.6f}")
-            task.advance(rnd["evaluations"] - last[0], info=f"generation {rnd['generation']}, best "
-                         f"{rnd['best_objective']:.6f}, {rnd['seconds'] / 60:.1f} min")
-            last[0] = rnd["evaluations"]
+            line = (f"generation {rnd['generation']}, best {rnd['best_objective']:.6f}"
+                    f"{' (improved)' if rnd['improved'] else ''}, {rnd['evaluations']} children, "
+                    f"{rnd['seconds'] / 60:.1f} min")
+            if live:  # a bar on a terminal
+                task.advance(rnd["evaluations"] - last[0], info=line)
+                last[0] = rnd["evaluations"]
+            else:  # one plain line per round on stderr (nothing with -q)
+                note(f"search {line}")
 
         return evolve(job.space, seeds, score, nwin, job.settings, job.budget, clock, report)
 

@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import math
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 
 @dataclass(frozen=True)
@@ -50,9 +50,9 @@ class Space:
 def unstructured_space(target: float, step: float, spread: float, max_sparsity: float,
                        numels: Sequence[int], balance: str) -> Space:
     """Levels S + k*step for |k*step| <= spread, within [0, max_sparsity]."""
-    k = int(math.floor(spread / step + 1e-9))
-    k_lo = -min(k, int(math.floor(target / step + 1e-9)))
-    k_hi = min(k, int(math.floor((max_sparsity - target) / step + 1e-9)))
+    k = math.floor(spread / step + 1e-9)
+    k_lo = -min(k, math.floor(target / step + 1e-9))
+    k_hi = min(k, math.floor((max_sparsity - target) / step + 1e-9))
     return Space(len(numels), k_lo, k_hi, _groups(numels, balance), step, target)
 
 
@@ -74,7 +74,7 @@ def snap(space: Space, offsets: Sequence[float]) -> tuple[int, ...]:
     remainder: floor everything, then +1 to the largest fractional parts, ties by index; a group of
     unequal-size blocks with ``--balance params`` thus keeps the mean S on its own)."""
     x = [min(space.k_hi, max(space.k_lo, float(v))) for v in offsets]
-    out = [int(math.floor(v + 1e-9)) for v in x]
+    out = [math.floor(v + 1e-9) for v in x]
     for g in sorted(set(space.groups)):
         idx = [i for i in range(space.num_blocks) if space.groups[i] == g]
         want = 0  # every group keeps the mean exactly (OWL's own mean is exact too)
