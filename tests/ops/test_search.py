@@ -267,3 +267,23 @@ def test_damaged_database(first, tiny_llama, text_file, tmp_path, damage):
 def test_offload_disk_refused(tiny_llama, text_file, tmp_path):
     r = _cli(tiny_llama, text_file, tmp_path / "x.json", "-s", "0.5", "--offload", "disk")
     assert r.exit_code == 1 and "in memory" in r.stderr
+
+
+@pytest.mark.slow
+def test_real_model_search_beats_its_seeds(tmp_path):
+    """On the built-in SmolLM2: a short search (Wanda 70%, 24 children, small level grid) writes an allocation
+    with the target mean whose objective is <= every seed's, and `prune --allocation` accepts it."""
+    out = tmp_path / "s.json"
+    r = runner.invoke(app, ["search", "builtin:smollm2-135m", "--method", "wanda", "-s", "0.7", "--nsamples", "8",
+                            "--seqlen", "128", "--objective-windows", "4", "--objective-seqlen", "128",
+                            "--level-step", "0.05", "--budget", "24", "--seed-m", "5", "--seed-lambda", "0.08,0.16",
+                            "--device", "cpu", "-o", str(out), "--json"])
+    assert r.exit_code == 0, r.stderr
+    doc = json.loads(r.stdout)
+    info = doc["params"]["search"]
+    assert doc["mean_block_sparsity"] == pytest.approx(0.7, abs=1e-9)
+    assert all(info["winner_objective"] <= s["objective"] for s in info["seeds"])
+    r = runner.invoke(app, ["prune", "builtin:smollm2-135m", "--method", "wanda", "--allocation", str(out),
+                            "--nsamples", "8", "--seqlen", "128", "--device", "cpu", "-o", str(tmp_path / "ck"),
+                            "--json", "-q"])
+    assert r.exit_code == 0, r.stderr
