@@ -203,6 +203,8 @@ def _cli(tiny_llama, text_file, out, *extra):
 @pytest.mark.parametrize("extra, code, words", [
     (["-s", "0.5", "--method", "nope"], 2, "nope"),
     (["-s", "0.5", "--budget", "0"], 1, "positive"),
+    (["-s", "1.5"], 1, "--target-sparsity"),
+    (["-s", "0.5", "--mode", "fast"], 2, "fast"),
     (["-s", "0.5", "--objective-split", "test"], 1, "test split"),
     (["--budget", "4"], 1, "--target-sparsity"),
     (["-s", "0.5", "--pattern", "3:8"], 1, "conflicts"),
