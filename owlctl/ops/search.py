@@ -65,7 +65,8 @@ class SearchConfig(ComputeOptions, CalibrationOptions):
                                   "group of M; the reference's '5:8' is 3:8 here).")
     balance: str = BALANCE("blocks")
     from_profile: Path | None = FROM_PROFILE(None, help="Profile for the OWL seeds (default: profile in-process).")
-    budget: Any = opt("--budget", help="Minutes of wall time (20m, 1.5h) or children to evaluate (300).",
+    budget: Any = opt("--budget", help="Wall time of the whole command, profile, database and seeds included "
+                      "(20m, 1.5h, 90s; a resumed run continues the clock), or children to evaluate (300).",
                       parse=parse_budget, cli_type=str)("20m")
     db: Path | None = opt("--db", help="Level database directory, kept for resuming and reuse (default: "
                           "OUTPUT.search-db beside the output).", metavar="DIR")(None)
