@@ -130,7 +130,9 @@ def search_section(doc: dict) -> list[str]:
            f"generation, real-prune check of the winner); it never reads the test split. Objective: "
            f"{p['objective']}. Calibration: {p['calibration']}. Evaluation: {p['eval']} (the protocol of the "
            f"tables above). The best grid pair is the OWL seed the search scored best on validation; the machine "
-           f"was shared with other jobs (load averages below).", ""]
+           f"was shared with other jobs (load averages below). A time budget counts the whole command and stops "
+           f"new generations; the generation under way and the real-prune check of the winner run after it, "
+           f"hence wall times above the budget. CPU time is the search process's user + system time.", ""]
     for c in doc["cases"]:
         rows = {r["allocation"]: r for r in c["rows"]}
         uni = rows["uniform"]["ppl"]
