@@ -166,6 +166,8 @@ def search_section(doc: dict) -> list[str]:
                 "All seeds: " + ", ".join(f"{k} {v:.5f}" for k, v in seeds.items()) + ".", "",
                 "Per block (search): " + " ".join(f"{v:g}" if isinstance(v, int) else f"{v:.3f}"
                                                   for v in c["per_block"]) + ".", ""]
+    if doc.get("not_run"):
+        out += ["Not measured:", "", *[f"- {x}" for x in doc["not_run"]], ""]
     return out
 
 
