@@ -10,7 +10,7 @@ __version__ = "0.1.0"
 
 # function name -> module in owlctl.ops
 _OPS = {"profile": "profile", "allocate": "allocate", "prune": "prune", "nm": "prune", "evaluate": "evaluate",
-        "finetune": "finetune", "export": "export", "bench": "bench"}
+        "finetune": "finetune", "export": "export", "bench": "bench", "search": "search"}
 _API = ("prune_model", "profile_model")
 
 

@@ -5,4 +5,5 @@
     calibration/  block-input capture, the layer-by-layer driver, the profile and prune passes
     evaluation/   perplexity, zero-shot tasks, the sparsity audit
     recovery/     LoRA finetuning that keeps the pruned zeros
+    search/       `owlctl search`: the level database, the held-out objective, the evolutionary search
 """

@@ -148,6 +148,81 @@ class ProfileRef(Struct, kw_only=True):
     calibration: Optional[Calibration] = None
 
 
+class SearchSeed(Struct, kw_only=True):
+    """One starting point of ``owlctl search``: uniform, or OWL at (M, lambda), snapped onto the level grid."""
+
+    name: str
+    outlier_m: Optional[float]
+    lam: Optional[float] = msgspec.field(name="lambda")
+    offsets: list[int]  # level steps per block from the target (unstructured) or from N (mixed N:M)
+    objective: float
+
+
+class SearchRound(Struct, kw_only=True):
+    generation: int
+    evaluations: int
+    best_objective: float
+    screen_windows: int
+    improved: bool
+    seconds: float
+
+
+class SearchObjectiveData(Struct, kw_only=True):
+    source: str
+    split: str  # never "test"
+    windows: int
+    seqlen: int
+    topk: int
+    bos: str
+    windows_sha256: str
+
+
+class SearchLevels(Struct, kw_only=True):
+    built_from: str  # "uniform path": each block calibrated on the inputs of the uniformly pruned earlier blocks
+    step: float  # sparsity per step (unstructured) or 1 (weights kept per group, mixed N:M)
+    values: list[float]  # every level: sparsity, or N kept per group of M
+
+
+class SearchVerified(Struct, kw_only=True):
+    """The winner after a real sequential prune with its allocation, on the same objective."""
+
+    objective: float
+    database_objective: float
+    uniform_objective: float
+    chosen: str  # "search" | "uniform" (when the real prune of the winner scored worse than uniform)
+
+
+class SearchInfo(Struct, kw_only=True):
+    """What ``owlctl search`` measured and how (params.search of an allocation it wrote)."""
+
+    mode: str  # "evolve" | "owl-grid"
+    objective: str
+    definition: str
+    objective_data: SearchObjectiveData
+    method: str
+    method_options: dict[str, Any]
+    levels: SearchLevels
+    budget: dict[str, Any]
+    seed: int
+    calibration_sha256: str
+    data_sha256: str
+    seeds: list[SearchSeed]
+    uniform_objective: float
+    best_seed: str
+    best_seed_objective: float
+    winner_objective: float
+    evaluations: int
+    generations: int
+    improvements: int
+    stopped: str = "budget"  # "budget" | "exhausted" | "owl-grid"
+    window_forwards: int
+    rounds: list[SearchRound]
+    verified: Optional[SearchVerified]
+    chosen: str
+    database: str
+    seconds: Seconds
+
+
 class AllocationParams(Struct, kw_only=True):
     allocator: str
     target_sparsity: Optional[float]
@@ -159,7 +234,7 @@ class AllocationParams(Struct, kw_only=True):
     min_sparsity: float
     max_sparsity: float
     special: bool
-    search: Optional[dict[str, Any]] = None
+    search: Optional[SearchInfo] = None  # written by `owlctl search`
 
 
 class AllocationBlock(Struct, kw_only=True):

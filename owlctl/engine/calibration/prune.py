@@ -51,8 +51,10 @@ def _check_targets(layout: Any, targets: list) -> None:
 
 
 def prune_block(name: str, i: int, linears: dict, stats: dict, method: str,
-                target: tuple[float | None, tuple[int, int] | None], opts: Any) -> dict:
-    """Prune every Linear of block ``i`` in place; its report row with exact counts (one device sync)."""
+                target: tuple[float | None, tuple[int, int] | None], opts: Any, keep_statistics: bool = False) -> dict:
+    """Prune every Linear of block ``i`` in place; its report row with exact counts (one device sync).
+    The last Linear to use a statistic takes its Hessian (no copy), unless ``keep_statistics`` (the same
+    statistics prune the block again, e.g. at several levels)."""
     import torch
 
     from owlctl.core.methods import expected_pruned, get, prune_weight
@@ -63,7 +65,7 @@ def prune_block(name: str, i: int, linears: dict, stats: dict, method: str,
     # Several processes: SparseGPT's solves (the expensive part) are spread, matrix k on rank k % N, and the
     # results broadcast; the other methods are cheap and identical everywhere, so every rank computes them.
     world = current() if "hessian" in needs else None
-    last = {id(stats[lname]): lname for lname in linears} if stats else {}  # q/k/v (gate/up) share one
+    last = {id(stats[lname]): lname for lname in linears} if stats and not keep_statistics else {}
     mats, pending = [], []
 
     def count(lname: str, w: Any, mask: Any, before: Any) -> None:
@@ -80,7 +82,7 @@ def prune_block(name: str, i: int, linears: dict, stats: dict, method: str,
         if "act_norm" in needs:
             kw["act_sq_norm"] = stats[lname].act_sq_norm()
         if "hessian" in needs:
-            kw["hessian"] = stats[lname].hessian(consume=last[id(stats[lname])] == lname)
+            kw["hessian"] = stats[lname].hessian(consume=last.get(id(stats[lname])) == lname)
             kw["overwrite_hessian"] = True  # a tensor of its own: the solver factors it in place
         pat = {"n_keep": nm[0], "m": nm[1]} if nm is not None else {"sparsity": sparsity}
         new_w, mask = prune_weight(method, w.detach(), options=opts, **pat, **kw)
