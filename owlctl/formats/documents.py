@@ -413,14 +413,54 @@ class ExportDoc(Envelope, kw_only=True):
 
 
 # ------------------------------------------------------------------------------------------------ bench
+class ReadBandwidth(Struct, kw_only=True):
+    """The probe of ``owlctl bench`` (``--no-probe``: absent): read GB/s of ``threads`` threads, or why not."""
+
+    gb_per_s: Optional[float]
+    bytes: Optional[int] = None
+    threads: Optional[int] = None
+    isa: Optional[str] = None
+    seconds: Optional[list[float]] = None
+    load_average_1m: Optional[float] = None
+    statistic: Optional[str] = None
+    skipped: Optional[str] = None
+
+
+class RowBandwidth(Struct, kw_only=True):
+    """Weight bytes one decode step reads / the median step's seconds (rows[].bandwidth)."""
+
+    linear_bytes_per_step: int
+    model_bytes_per_step: int
+    step_seconds: float
+    linear_gb_per_s: float
+    model_gb_per_s: float
+    linear_fraction_of_probe: Optional[float] = None
+    model_fraction_of_probe: Optional[float] = None
+
+
+class BenchRow(Struct, kw_only=True):
+    label: str
+    model: dict[str, Any]
+    backend: str
+    kernel: Optional[str] = None
+    prefill: dict[str, Any]
+    decode: dict[str, Any]
+    memory: dict[str, Any]
+    load_seconds: Optional[float] = None
+    max_abs_diff_vs_torch: Optional[float] = None
+    bandwidth: Optional[RowBandwidth] = None
+    details: Optional[dict[str, Any]] = None
+
+
 class BenchDoc(Envelope, kw_only=True):
     settings: dict[str, Any]
     host: dict[str, Any]
     models: dict[str, dict[str, Any]]
-    rows: list[dict[str, Any]]
+    rows: list[BenchRow]
     comparison: Optional[dict[str, Any]]
     logits_check: dict[str, Any]
     deepsparse_setup: Optional[dict[str, Any]] = None
+    read_bandwidth: Optional[ReadBandwidth] = None
 
 
 # ------------------------------------------------------------------------------------------------ registry
