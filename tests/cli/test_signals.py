@@ -1,5 +1,6 @@
 """Signals as batch schedulers send them, on the real built-in model (a 514 MB save takes long enough to be
-interrupted in the middle): SIGTERM cleans up like Ctrl-C (exit 143), SIGKILL's leftovers are removed by
+interrupted in the middle; blocks are written as they are pruned, so the
+signal is sent at the first block's progress line, when the partial output exists and most work is ahead): SIGTERM cleans up like Ctrl-C (exit 143), SIGKILL's leftovers are removed by
 the next run aimed at the same output, and an interrupted `pipeline --save-checkpoints` leaves nothing.
 """
 
@@ -43,7 +44,7 @@ PRUNE = ["prune", "builtin:smollm2-135m", "--method", "magnitude", "--uniform", 
 
 def test_sigterm_during_save_leaves_nothing(tmp_path):
     proc = _start(PRUNE + ["-o", str(tmp_path / "ck")])
-    _wait_for(proc, "writing ")
+    _wait_for(proc, "block 1/")
     proc.send_signal(signal.SIGTERM)
     _out, err = proc.communicate(timeout=120)
     assert proc.returncode == 143, err
@@ -53,8 +54,7 @@ def test_sigterm_during_save_leaves_nothing(tmp_path):
 
 def test_sigkill_leftovers_are_removed_by_the_next_run(tmp_path):
     proc = _start(PRUNE + ["-o", str(tmp_path / "ck")])
-    _wait_for(proc, "writing ")
-    time.sleep(0.3)
+    _wait_for(proc, "block 1/")
     proc.kill()
     proc.communicate(timeout=60)
     left = sorted(os.listdir(tmp_path))

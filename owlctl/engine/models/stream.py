@@ -7,8 +7,11 @@ buffers are computed by the model's own constructor exactly as ``from_pretrained
 parameter shared by several modules (tied embeddings) is one object in the skeleton, so it is materialised
 and dropped once for all of its owners.
 
-Memory: the skeleton costs its buffers; a materialised module costs its weights on the device; the files are
-memory-mapped, so the page cache (reclaimable, shared) holds what was read.
+Memory: the skeleton costs its buffers; a materialised module costs its weights on the device. Each tensor
+is read with positional reads into a fresh buffer (from the offsets in the safetensors header) rather than
+through a memory map: a mapped tensor is a copy-on-write view of the file, so pruning it in place would
+change what the next read of the same tensor returns, and the mapping's pages would stay in this process's
+resident set until it exits. The page cache (reclaimable, shared) holds what was read.
 """
 
 from __future__ import annotations
@@ -79,41 +82,73 @@ def read_header(file: Path) -> dict[str, dict]:
 
 
 class Weights:
-    """The tensors of a model directory, read one at a time from memory-mapped safetensors files."""
+    """The tensors of a model directory, each read on request into its own buffer (see the module docstring)."""
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
         self.files = weight_files(self.path)
-        self._handles: dict[Path, Any] = {}
-        self._dtypes: dict[str, str] = {}
+        self._headers: dict[Path, tuple[int, dict]] = {}
 
     def __contains__(self, name: str) -> bool:
         return name in self.files
 
+    def _entry(self, name: str) -> tuple[Path, int, dict]:
+        f = self.files[name]
+        if f not in self._headers:
+            with open(f, "rb") as h:
+                n = struct.unpack("<Q", h.read(8))[0]
+            self._headers[f] = (8 + n, read_header(f))
+        start, head = self._headers[f]
+        if name not in head:
+            raise ModelError(f"{f} has no tensor {name} although the index names it",
+                             hint="the model's index and its files disagree; download or re-create it")
+        return f, start, head[name]
+
     def dtype(self, name: str) -> str:
-        if name not in self._dtypes:
-            f = self.files[name]
-            for k, v in read_header(f).items():
-                self._dtypes[k] = _ST_DTYPES.get(v["dtype"], v["dtype"])
-        return self._dtypes[name]
+        return _ST_DTYPES.get(self._entry(name)[2]["dtype"], "unknown")
 
     def get(self, name: str, device: str = "cpu", dtype: Any = None) -> Any:
-        from safetensors import SafetensorError, safe_open
+        """Tensor ``name`` as a new tensor (never a view of the file), cast to ``dtype`` when floating."""
+        import torch
 
-        f = self.files[name]
-        try:
-            if f not in self._handles:
-                self._handles[f] = safe_open(str(f), framework="pt", device="cpu")
-            t = self._handles[f].get_tensor(name)
-        except (SafetensorError, OSError) as e:
-            raise ModelError(f"the weights in {f} cannot be read ({e})",
-                             hint="a .safetensors file is truncated or corrupt; download or re-create it") from None
+        f, start, e = self._entry(name)
+        dt = getattr(torch, _ST_DTYPES.get(e["dtype"], ""), None)
+        a, b = e["data_offsets"]
+        numel = 1
+        for d in e["shape"]:
+            numel *= d
+        if not isinstance(dt, torch.dtype) or b - a != numel * dt.itemsize:
+            raise ModelError(f"the weights in {f} cannot be read (tensor {name}: bad dtype or offsets)",
+                             hint="a .safetensors file is truncated or corrupt; download or re-create it")
+        t = torch.empty(numel, dtype=dt)
+        if numel:
+            try:
+                got = _read_into(f, start + a, memoryview(t.view(torch.uint8).numpy()))
+            except OSError as err:
+                raise ModelError(f"the weights in {f} cannot be read ({err})") from None
+            if got != b - a:
+                raise ModelError(f"the weights in {f} cannot be read (tensor {name} is cut short)",
+                                 hint="a .safetensors file is truncated or corrupt; download or re-create it")
+        t = t.view(e["shape"])
         if dtype is not None and t.is_floating_point() and t.dtype != dtype:
             t = t.to(dtype)
         return t.to(device)
 
     def close(self) -> None:
-        self._handles.clear()
+        self._headers.clear()
+
+
+def _read_into(file: Path, offset: int, buf: memoryview) -> int:
+    """Fill ``buf`` from ``file`` at ``offset`` (a read may return less than asked); bytes read."""
+    done = 0
+    with open(file, "rb", buffering=0) as h:
+        h.seek(offset)
+        while done < len(buf):
+            n = h.readinto(buf[done:])
+            if not n:
+                break
+            done += n
+    return done
 
 
 @contextmanager
