@@ -463,10 +463,46 @@ class BenchDoc(Envelope, kw_only=True):
     read_bandwidth: Optional[ReadBandwidth] = None
 
 
+# ------------------------------------------------------------------------------------------------ generate
+class GenerateTimings(Struct, kw_only=True):
+    """Seconds of ``owlctl generate``: the prefill step (prompt + first token), then the decode steps."""
+
+    load_s: float
+    prefill_s: float
+    prefill_tokens: int
+    prefill_tokens_per_s: Optional[float]
+    decode_s: float
+    decode_steps: int
+    decode_tokens_per_s: Optional[float]
+
+
+class GeneratePrompt(Struct, kw_only=True):
+    text: str
+    tokens: int
+    chat_template: bool
+
+
+class GenerateDoc(Envelope, kw_only=True):
+    backend: str
+    kernel: Optional[str] = None
+    isa: Optional[str] = None
+    threads: int
+    sparse: Optional[dict[str, Any]] = None  # what the sparse swap did (kernel, counts, bytes, a fallback)
+    text: str
+    prompt: GeneratePrompt
+    generated_tokens: int
+    token_ids: list[int]
+    stop: str  # "eos" | "max_new_tokens"
+    sampling: dict[str, Any]
+    max_new_tokens: int
+    timings: GenerateTimings
+
+
 # ------------------------------------------------------------------------------------------------ registry
 TYPES: dict[str, type] = {"profile": ProfileDoc, "allocation": AllocationDoc, "report": ReportDoc,
                           "prune": PruneDoc, "eval": EvalDoc, "pipeline": PipelineDoc, "finetune": FinetuneDoc,
-                          "packed": PackedDoc, "export": ExportDoc, "bench": BenchDoc}
+                          "packed": PackedDoc, "export": ExportDoc, "bench": BenchDoc,
+                          "generate": GenerateDoc}
 
 
 def validate(kind: str, doc: Any, source: str = "document") -> dict:
