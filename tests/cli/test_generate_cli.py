@@ -125,3 +125,20 @@ def test_bad_input(pruned, name, args, code, needle):
     assert needle in r.stderr and "Traceback" not in r.stderr and r.stdout == ""
     if code == 1:
         assert "hint:" in r.stderr or name == "top-p 0"
+
+
+def test_text_reaches_a_pipe_before_the_process_ends(pruned, tmp_path):
+    """Off a terminal too: the first text is readable from the pipe while decoding still runs."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OWLCTL_CACHE": str(tmp_path / "cache")}
+    proc = subprocess.Popen([sys.executable, "-m", "owlctl", "generate", str(pruned), "-p", "Note 7:", "--raw",
+                             "-n", "450", "--threads", "1"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                            env=env)
+    first = os.read(proc.stdout.fileno(), 1)
+    still_running = proc.poll() is None
+    rest = proc.stdout.read()
+    assert proc.wait(timeout=300) == 0
+    assert first and rest and still_running  # 450 tokens take far longer than reading the first byte
