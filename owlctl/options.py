@@ -100,6 +100,11 @@ class Backend(Choice):
     deepsparse = "deepsparse"
 
 
+class GenerateBackend(Choice):
+    torch = "torch"
+    torch_sparse = "torch-sparse"
+
+
 class ExportFormat(Choice):
     onnx = "onnx"
     packed = "packed"

@@ -35,6 +35,19 @@ def _fmt(x: float | None, spec: str = ".1f") -> str:
     return "-" if x is None else format(x, spec)
 
 
+def _mib(r: dict, key: str) -> str:
+    b = r.get("bandwidth")
+    return "-" if not b else f"{b[key] / 2**20:.1f}"
+
+
+def _rate(r: dict, which: str) -> str:
+    b = r.get("bandwidth")
+    if not b:
+        return "-"
+    frac = b.get(f"{which}_fraction_of_probe")
+    return f"{b[f'{which}_gb_per_s']:.2f}" + (f" ({frac:.0%})" if frac is not None else "")
+
+
 def render(doc: dict) -> None:
     """One column per benchmarked row (dense, sparse), one line per metric: fits an 80-column terminal."""
     from rich.table import Table
@@ -58,10 +71,19 @@ def render(doc: dict) -> None:
     line("decode tok/s", lambda r: _fmt(r["decode"]["tokens_per_s"], ".2f"))
     for q in ("p50", "p90", "p99"):
         line(f"decode step {q} ms", lambda r, q=q: _fmt(r["decode"]["step_ms"][q], ".2f"))
+    line("Linear weights MiB/step", lambda r: _mib(r, "linear_bytes_per_step"))
+    line("Linear GB/s (of probe)", lambda r: _rate(r, "linear"))
+    line("model weights MiB/step", lambda r: _mib(r, "model_bytes_per_step"))
+    line("model GB/s (of probe)", lambda r: _rate(r, "model"))
     line("peak RSS MiB", lambda r: _fmt(r["memory"].get("peak_rss_mb"), ".0f"))
     line("max |logits - torch|", lambda r: "-" if r.get("max_abs_diff_vs_torch") is None
          else f"{r['max_abs_diff_vs_torch']:.2g}")
     console.out.print(t)
+    p = doc.get("read_bandwidth")
+    if p:
+        console.out.print(f"read bandwidth (probe, {p['threads']} thread(s)): {p['gb_per_s']:.1f} GB/s"
+                          if p.get("gb_per_s") else f"read bandwidth: not measured ({p.get('skipped')})",
+                          highlight=False)
     c = doc.get("comparison")
     if c:
         console.out.print(f"{c['candidate']} / {c['baseline']}: decode x{_fmt(c['decode_speedup'], '.2f')}, "

@@ -22,7 +22,8 @@ app = typer.Typer(
 )
 
 # Each module defines register(app). Order = order in --help.
-COMMAND_MODULES = ["pipeline", "profile", "allocate", "search", "prune", "eval", "finetune", "export", "bench"]
+COMMAND_MODULES = ["pipeline", "profile", "allocate", "search", "prune", "eval", "finetune", "export", "bench",
+                   "generate"]
 
 
 def _version(value: bool) -> None:

@@ -52,7 +52,7 @@ def timed_runs(fn: Callable[[], dict], cfg: Any, task: Any, label: str) -> list[
 
 def row(label: str, spec: str, info: Any, sparsity: float | None, backend: str, kernel: str | None,
          cfg: Any, runs: list[dict], memory: dict, load_s: float, extra: dict,
-         check_vs_self: float | None = None) -> dict:
+         check_vs_self: float | None = None, traffic: dict | None = None) -> dict:
     prefill, decode = summarise(runs, cfg.batch_size, cfg.prompt_len)
     if memory.get("peak_rss_mb") is not None and memory.get("rss_before_mb") is not None:
         memory["rss_delta_mb"] = memory["peak_rss_mb"] - memory["rss_before_mb"]
@@ -60,7 +60,32 @@ def row(label: str, spec: str, info: Any, sparsity: float | None, backend: str, 
                                       "prunable_sparsity": sparsity},
             "backend": backend, "kernel": kernel, "prefill": prefill, "decode": decode, "memory": memory,
             "load_seconds": load_s, "max_abs_diff_vs_torch": check_vs_self,
+            "bandwidth": bandwidth(traffic, decode, cfg.batch_size),
             **({"details": extra} if extra else {})}
+
+
+def bandwidth(traffic: dict | None, decode: dict, batch: int) -> dict | None:
+    """Effective GB/s of one decode step: weight bytes it reads / the median step's seconds. The step also
+    spends time outside the weights (attention, norms, Python), so this is a lower bound on the rate at which
+    the kernels themselves stream."""
+    tps = decode.get("tokens_per_s")
+    if not traffic or not tps:
+        return None
+    step_s = batch / tps
+    return {"linear_bytes_per_step": traffic["linear_bytes"], "model_bytes_per_step": traffic["model_bytes"],
+            "step_seconds": step_s, "linear_gb_per_s": traffic["linear_bytes"] / step_s / 1e9,
+            "model_gb_per_s": traffic["model_bytes"] / step_s / 1e9,
+            "linear_fraction_of_probe": None, "model_fraction_of_probe": None}
+
+
+def with_probe(rows: list[dict], probe: dict | None) -> None:
+    """Each row's GB/s as a fraction of the probe's read bandwidth (in place)."""
+    rate = (probe or {}).get("gb_per_s")
+    for r in rows:
+        b = r.get("bandwidth")
+        if b and rate:
+            b["linear_fraction_of_probe"] = b["linear_gb_per_s"] / rate
+            b["model_fraction_of_probe"] = b["model_gb_per_s"] / rate
 
 
 def ratio(a: float | None, b: float | None) -> float | None:

@@ -490,20 +490,96 @@ class ExportDoc(Envelope, kw_only=True):
 
 
 # ------------------------------------------------------------------------------------------------ bench
+class ReadBandwidth(Struct, kw_only=True):
+    """The probe of ``owlctl bench`` (``--no-probe``: absent): read GB/s of ``threads`` threads, or why not."""
+
+    gb_per_s: Optional[float]
+    bytes: Optional[int] = None
+    threads: Optional[int] = None
+    isa: Optional[str] = None
+    seconds: Optional[list[float]] = None
+    load_average_1m: Optional[float] = None
+    statistic: Optional[str] = None
+    skipped: Optional[str] = None
+
+
+class RowBandwidth(Struct, kw_only=True):
+    """Weight bytes one decode step reads / the median step's seconds (rows[].bandwidth)."""
+
+    linear_bytes_per_step: int
+    model_bytes_per_step: int
+    step_seconds: float
+    linear_gb_per_s: float
+    model_gb_per_s: float
+    linear_fraction_of_probe: Optional[float] = None
+    model_fraction_of_probe: Optional[float] = None
+
+
+class BenchRow(Struct, kw_only=True):
+    label: str
+    model: dict[str, Any]
+    backend: str
+    kernel: Optional[str] = None
+    prefill: dict[str, Any]
+    decode: dict[str, Any]
+    memory: dict[str, Any]
+    load_seconds: Optional[float] = None
+    max_abs_diff_vs_torch: Optional[float] = None
+    bandwidth: Optional[RowBandwidth] = None
+    details: Optional[dict[str, Any]] = None
+
+
 class BenchDoc(Envelope, kw_only=True):
     settings: dict[str, Any]
     host: dict[str, Any]
     models: dict[str, dict[str, Any]]
-    rows: list[dict[str, Any]]
+    rows: list[BenchRow]
     comparison: Optional[dict[str, Any]]
     logits_check: dict[str, Any]
     deepsparse_setup: Optional[dict[str, Any]] = None
+    read_bandwidth: Optional[ReadBandwidth] = None
+
+
+# ------------------------------------------------------------------------------------------------ generate
+class GenerateTimings(Struct, kw_only=True):
+    """Seconds of ``owlctl generate``: the prefill step (prompt + first token), then the decode steps."""
+
+    load_s: float
+    prefill_s: float
+    prefill_tokens: int
+    prefill_tokens_per_s: Optional[float]
+    decode_s: float
+    decode_steps: int
+    decode_tokens_per_s: Optional[float]
+
+
+class GeneratePrompt(Struct, kw_only=True):
+    text: str
+    tokens: int
+    chat_template: bool
+
+
+class GenerateDoc(Envelope, kw_only=True):
+    backend: str
+    kernel: Optional[str] = None
+    isa: Optional[str] = None
+    threads: int
+    sparse: Optional[dict[str, Any]] = None  # what the sparse swap did (kernel, counts, bytes, a fallback)
+    text: str
+    prompt: GeneratePrompt
+    generated_tokens: int
+    token_ids: list[int]
+    stop: str  # "eos" | "max_new_tokens"
+    sampling: dict[str, Any]
+    max_new_tokens: int
+    timings: GenerateTimings
 
 
 # ------------------------------------------------------------------------------------------------ registry
 TYPES: dict[str, type] = {"profile": ProfileDoc, "allocation": AllocationDoc, "report": ReportDoc,
                           "prune": PruneDoc, "eval": EvalDoc, "pipeline": PipelineDoc, "finetune": FinetuneDoc,
-                          "packed": PackedDoc, "export": ExportDoc, "bench": BenchDoc}
+                          "packed": PackedDoc, "export": ExportDoc, "bench": BenchDoc,
+                          "generate": GenerateDoc}
 
 
 def validate(kind: str, doc: Any, source: str = "document") -> dict:

@@ -8,7 +8,8 @@ message naming the owlctl that wrote it.
 from __future__ import annotations
 
 VERSIONS = {"profile": 2, "allocation": 2, "report": 2, "prune": 1, "eval": 2, "pipeline": 2, "finetune": 1,
-            "packed": 2, "export": 1, "bench": 2}
+            "packed": 2, "export": 1, "bench": 2,
+            "generate": 1}
 # the kinds owlctl reads back, and the oldest version it still reads (upgraded on reading)
 OLDEST = {"profile": 1, "allocation": 1, "report": 1, "packed": 1, "export": 0}
 # schemas of earlier owlctl versions that are now another kind: onnx-export.json was owlctl.onnx/1

@@ -47,6 +47,8 @@ class BenchConfig:
                              "bitmask-ISA (forced), csr (the old name of bitmask-portable), torch-csr, torch-bsr.",
                              choices=SparseKernel)("auto")
     seed: int = opt("--seed", help="Seed of the random prompt.")(0)
+    probe: bool = opt("--probe/--no-probe", help="Measure the machine's read bandwidth (a ~0.5 s STREAM-like "
+                      "probe at --threads) so each row's GB/s can be read as a fraction of it.")(True)
     tolerance: float | None = opt("--tolerance", help="Largest allowed |logits - PyTorch dense| per row; above it "
                                   "bench fails (exit 1). Default: 1e-3 for float32 weights, 0.1 for 16-bit.",
                                   min=0.0)(None)
@@ -102,13 +104,27 @@ def logits_check(rows: list[dict], meta: dict, cfg: BenchConfig) -> dict:
             "definition": "max |first-token logits - PyTorch dense logits of the same weights|"}
 
 
-# ---------------------------------------------------------------------------------------------- torch
+PROBE_BYTES = 512 << 20  # several times a large last-level cache; ~35 ms per pass at 15 GB/s
 
 
-# ---------------------------------------------------------------------------------------------- ONNX
+def read_probe(cfg: BenchConfig) -> dict | None:
+    """The read bandwidth of ``cfg.threads`` threads (owlctl's probe), or why it was not measured."""
+    import os
 
+    if not cfg.probe:
+        return None
+    if cfg.device != "cpu":
+        return {"gb_per_s": None, "skipped": "the probe measures host memory; --device is not cpu"}
+    from owlctl.deploy.kernels import build, probe
 
-# ---------------------------------------------------------------------------------------------- DeepSparse
+    ok, why = build.available()
+    if not ok:
+        return {"gb_per_s": None, "skipped": why}
+    load = os.getloadavg()[0]
+    res = probe.read_bandwidth(PROBE_BYTES, threads=cfg.threads, reps=3)
+    return {"gb_per_s": res["best_bytes_per_s"] / 1e9, "bytes": res["bytes"], "threads": res["threads"],
+            "isa": res["isa"], "seconds": res["seconds"], "load_average_1m": load,
+            "statistic": "best of 3 passes after a warm-up pass"}
 
 
 # ---------------------------------------------------------------------------------------------- driver
@@ -142,6 +158,7 @@ def bench(cfg: BenchConfig, progress: Any = None) -> dict:
 
     import torch
 
+    from owlctl.deploy.measure import with_probe
     from owlctl.engine.models import describe, resolve_device
     from owlctl.formats._io import header
 
@@ -157,10 +174,12 @@ def bench(cfg: BenchConfig, progress: Any = None) -> dict:
     old_threads = torch.get_num_threads()
     torch.set_num_threads(cfg.threads)
     try:
+        probe = read_probe(cfg)
         rows = _rows(cfg, plan, prompt, py, progress)
         torch_threads = torch.get_num_threads()
     finally:
         torch.set_num_threads(old_threads)
+    with_probe(rows, probe)
     settings = {"backend": cfg.backend, "prompt_len": cfg.prompt_len, "new_tokens": cfg.new_tokens,
                 "batch_size": cfg.batch_size, "runs": cfg.runs, "warmup": cfg.warmup, "threads": cfg.threads,
                 "torch_num_threads": torch_threads, "device": cfg.device, "dtype": cfg.dtype,
@@ -170,7 +189,7 @@ def bench(cfg: BenchConfig, progress: Any = None) -> dict:
     return {**header("bench", "bench", describe(cfg.model),
                      {"total": round(time.perf_counter() - t0, 3)}),
             "settings": settings, "host": _host(cfg), "models": meta, "rows": rows, "comparison": _comparison(rows),
-            "logits_check": logits_check(rows, meta, cfg),
+            "logits_check": logits_check(rows, meta, cfg), "read_bandwidth": probe,
             **({"deepsparse_setup": setup_info} if setup_info else {})}
 
 

@@ -75,6 +75,7 @@ def test_bench_table(pruned70):
     r = invoke("bench", pruned70, "--prompt-len", 8, "--new-tokens", 3)
     assert r.exit_code == 0, r.stderr
     assert "decode" in r.stdout and "p99" in r.stdout
+    assert "Linear GB/s (of probe)" in r.stdout and "read bandwidth" in r.stdout
 
 
 def test_bench_deepsparse_missing_exit_1_with_setup_hint(pruned70):

@@ -8,6 +8,7 @@ import torch
 from owlctl.deploy.kernels import build
 from owlctl.deploy.kernels import linear as kl
 from owlctl.deploy.kernels.semi_structured import is_two_four
+from owlctl.engine.models import load_model
 from owlctl.errors import InputError, ModelError
 from owlctl.ops.bench import BenchConfig, bench
 
@@ -115,6 +116,25 @@ def test_bench_torch_sparse(pruned70):
     assert sparse["kernel"] in ("bitmask", "csr", "torch-csr")
     assert sparse["memory"]["weights_mb"] < dense["memory"]["weights_mb"]
     assert set(doc["comparison"]) >= {"decode_speedup", "prefill_speedup"}
+
+
+def test_bench_bandwidth_bytes_and_probe(pruned70):
+    """Dense rows read every prunable weight, sparse rows the bytes sparsify stored; the probe is measured once
+    and each row's GB/s is a fraction of it."""
+    doc = bench(_cfg(pruned70, backend="torch-sparse"))
+    dense, sparse = (r["bandwidth"] for r in doc["rows"])
+    lin = [m for b in load_model(str(pruned70))[0].model.layers for m in b.modules() if isinstance(m, torch.nn.Linear)]
+    assert dense["linear_bytes_per_step"] == sum(m.weight.numel() * 4 for m in lin)
+    assert sparse["linear_bytes_per_step"] == doc["rows"][1]["details"]["sparse"]["sparse_bytes"]
+    assert sparse["linear_bytes_per_step"] < 0.5 * dense["linear_bytes_per_step"]
+    assert dense["model_bytes_per_step"] > dense["linear_bytes_per_step"]
+    probe = doc["read_bandwidth"]
+    if build.available()[0]:
+        assert probe["gb_per_s"] > 0 and probe["threads"] == 1
+        for b in (dense, sparse):
+            assert b["linear_fraction_of_probe"] == pytest.approx(b["linear_gb_per_s"] / probe["gb_per_s"])
+            assert b["linear_gb_per_s"] == pytest.approx(b["linear_bytes_per_step"] / b["step_seconds"] / 1e9)
+    assert bench(_cfg(pruned70, probe=False))["read_bandwidth"] is None
 
 
 def test_bench_onnxruntime(pruned70):

@@ -22,7 +22,7 @@ def row_deepsparse(spec: str, cfg: Any, prompt: Any, task: Any, label: str, py: 
     if not doc["onnx"]["graph"]["kv_cache"]:
         raise InputError(f"{odir} holds a graph without KV cache; decode needs one",
                          hint="re-export with `owlctl export CHECKPOINT --format onnx --kv-cache -o DIR`")
-    ref, sparsity, info = (None, None, None) if Path(spec) == odir else reference_logits(spec, prompt, cfg)
+    ref, sparsity, info, traffic = (None,) * 4 if Path(spec) == odir else reference_logits(spec, prompt, cfg)
     req = {"onnx": str(odir / ONNX_FILE), "inputs": doc["onnx"]["graph"]["inputs"], "geometry": doc["onnx"]["graph"]["geometry"],
            "prompt": prompt.tolist(), "new_tokens": cfg.new_tokens, "runs": cfg.runs, "warmup": cfg.warmup,
            "threads": cfg.threads}
@@ -39,4 +39,4 @@ def row_deepsparse(spec: str, cfg: Any, prompt: Any, task: Any, label: str, py: 
              "NM_BIND_THREADS_TO_CORES": "1", "compile_seconds": res.get("compile_seconds"),
              "worker_wall_seconds": wall, "python": str(py)}
     return row(label, spec, info, sparsity, "deepsparse", None, cfg, runs, memory,
-                sum(res.get("compile_seconds") or [0]), extra, check_vs_self=check)
+                sum(res.get("compile_seconds") or [0]), extra, check_vs_self=check, traffic=traffic)

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from owlctl.deploy.measure import row, timed_runs
-from owlctl.deploy.runtimes.torch import prunable_sparsity
+from owlctl.deploy.runtimes.torch import prunable_sparsity, step_bytes
 from owlctl.engine.memory import rss_mb, settle_memory
 from owlctl.engine.models import local_dir
 from owlctl.errors import InputError
@@ -36,8 +36,9 @@ def onnx_dir_for(spec: str, progress: Any = None) -> Path:
     return out
 
 
-def reference_logits(spec: str, prompt: Any, cfg: Any) -> tuple[Any, float | None, Any]:
-    """Dense PyTorch logits of the last prompt position (row 0), the prunable sparsity, and the model info."""
+def reference_logits(spec: str, prompt: Any, cfg: Any) -> tuple[Any, float | None, Any, dict | None]:
+    """Dense PyTorch logits of the last prompt position (row 0), the prunable sparsity, the model info and
+    the weight bytes a decode step reads (dense: an ONNX graph stores every weight dense)."""
     import torch
 
     from owlctl.engine.models import load_model
@@ -46,8 +47,9 @@ def reference_logits(spec: str, prompt: Any, cfg: Any) -> tuple[Any, float | Non
     with torch.inference_mode():
         logits = model(input_ids=prompt[:1]).logits[0, -1].float()
     sparsity = prunable_sparsity(model)
+    traffic = step_bytes(model)
     del model
-    return logits, sparsity, info
+    return logits, sparsity, info, traffic
 
 
 def row_onnxruntime(spec: str, cfg: Any, prompt: Any, task: Any, label: str) -> dict:
@@ -60,7 +62,7 @@ def row_onnxruntime(spec: str, cfg: Any, prompt: Any, task: Any, label: str) -> 
     if not doc["onnx"]["graph"]["kv_cache"]:
         raise InputError(f"{odir} holds a graph without KV cache; decode needs one",
                          hint="re-export with `owlctl export CHECKPOINT --format onnx --kv-cache -o DIR`")
-    ref, sparsity, info = (None, None, None) if Path(spec) == odir else reference_logits(spec, prompt, cfg)
+    ref, sparsity, info, traffic = (None,) * 4 if Path(spec) == odir else reference_logits(spec, prompt, cfg)
     settle_memory()
     rss0 = rss_mb()
     t = time.perf_counter()
@@ -80,4 +82,4 @@ def row_onnxruntime(spec: str, cfg: Any, prompt: Any, task: Any, label: str) -> 
     extra = {"onnx_dir": str(odir), "export_max_abs_diff": (doc["onnx"].get("verification") or {}).get("max_abs_diff"),
              "intra_op_threads": cfg.threads}
     return row(label, spec, info, sparsity, "onnxruntime", None, cfg, runs, memory, load_s, extra,
-                check_vs_self=check)
+                check_vs_self=check, traffic=traffic)

@@ -39,6 +39,34 @@ def weights_mb(model: Any) -> float:
     return n / 2**20
 
 
+def layout_of(model: Any) -> Any:
+    """The family layout of ``model`` (resolve it before the Linears are swapped), or None."""
+    from owlctl.families import resolve
+
+    try:
+        return resolve(model)
+    except ModelError:
+        return None
+
+
+def step_bytes(model: Any, layout: Any = None) -> dict | None:
+    """Bytes of weights one decode step reads: the prunable Linears (stored bytes once they are sparse) and
+    the whole model (every parameter and buffer, less an input embedding that is not also the output head:
+    a step reads only one of its rows). ``layout``: resolved before a sparse swap (default: now)."""
+    layout = layout or layout_of(model)
+    if layout is None:
+        return None
+    linear = 0
+    for i in range(layout.num_blocks):
+        for m in layout.linears(i).values():
+            linear += m.stored_bytes() if hasattr(m, "stored_bytes") else m.weight.numel() * m.weight.element_size()
+    total = int(weights_mb(model) * 2**20)
+    emb, head = model.get_input_embeddings(), model.get_output_embeddings()
+    if emb is not None and (head is None or head.weight.data_ptr() != emb.weight.data_ptr()):
+        total -= emb.weight.numel() * emb.weight.element_size()
+    return {"linear_bytes": linear, "model_bytes": total}
+
+
 def torch_generate(model: Any, ids: Any, steps: int, device: str) -> dict:
     """Prefill ``ids`` then ``steps`` greedy decode steps. Returns times and the first logits (CPU)."""
     import torch
@@ -76,6 +104,7 @@ def row_torch(spec: str, cfg: Any, prompt: Any, kernel: str | None, task: Any, l
     t = time.perf_counter()
     model, _tok, info = load_model(spec, cfg.dtype)
     sparsity = prunable_sparsity(model)
+    layout = layout_of(model)
     device = cfg.device
     extra: dict[str, Any] = {}
     reference = None
@@ -106,9 +135,10 @@ def row_torch(spec: str, cfg: Any, prompt: Any, kernel: str | None, task: Any, l
             got = model(input_ids=prompt[:1, :16]).logits[0, -1].float()
         check = float((got - reference).abs().max())  # the model is freed when this row returns
     memory = {"rss_before_mb": rss0, "peak_rss_mb": rss_mb("VmHWM"), "weights_mb": weights_mb(model)}
+    traffic = step_bytes(model, layout)
     if device.startswith("cuda"):
         memory["cuda_max_allocated_mb"] = torch.cuda.max_memory_allocated() / 2**20
     if kernel is None:
         check = 0.0  # this row is the PyTorch dense reference itself
     return row(label, spec, info, sparsity, "torch-sparse" if kernel else "torch", kernel, cfg, runs, memory,
-                load_s, extra, check_vs_self=check)
+                load_s, extra, check_vs_self=check, traffic=traffic)
