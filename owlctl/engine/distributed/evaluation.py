@@ -4,9 +4,24 @@ and the perplexity is bit-identical)."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import torch
+
+
+def window_losses(wins: torch.Tensor, batch_size: int, losses: Callable[[torch.Tensor, bool], list]) -> list:
+    """Each window's loss, computed by ``losses(windows, main)`` (main: whether this process reports
+    progress): on this process alone, or, under a launcher, on this rank's share and gathered in order."""
+    from owlctl.engine.distributed import current
+
+    world = current()
+    if world is None:
+        return losses(wins, True)
+    from owlctl.engine.distributed.world import fingerprint
+
+    mine, batches = my_windows(world, wins, batch_size)  # too many processes: fails alike on every rank
+    with world.work(fingerprint(wins)):
+        return gather_losses(world, losses(mine, world.main), batches, batch_size, wins.shape[0])
 
 
 def my_windows(world: Any, wins: torch.Tensor, batch_size: int) -> tuple[torch.Tensor, list[int]]:

@@ -74,7 +74,7 @@ def perplexity(model: Any, ids: Any, seqlen: int, *, batch_size: int = 1, max_wi
     "predictions", "seqlen", "window_nll" (per-window mean CE, a list of floats), "bos" ("always" | "never"),
     "stream_tokens_used"}. Under a launcher (several processes) each rank scores its own batches of windows.
     """
-    from owlctl.engine.distributed import current
+    from owlctl.engine.distributed.evaluation import window_losses
 
     if batch_size < 1:
         raise InputError(f"--batch-size must be >= 1, got {batch_size}")
@@ -84,17 +84,9 @@ def perplexity(model: Any, ids: Any, seqlen: int, *, batch_size: int = 1, max_wi
                          "(max_position_embeddings)", hint=f"use --seqlen {limit} or less")
     wins = windows(ids.long(), seqlen, max_windows, bos_id)
     n_win = wins.shape[0]
-    world = current()
-    if world is not None:  # several processes: this rank's batches of windows, losses gathered in order
-        from owlctl.engine.distributed.evaluation import gather_losses, my_windows
-        from owlctl.engine.distributed.world import fingerprint
-
-        mine, batches = my_windows(world, wins, batch_size)  # too many processes: fails alike on every rank
-        with world.work(fingerprint(wins)):
-            own = _losses(model, mine, batch_size, device, progress if world.main else None, description)
-            per_window = gather_losses(world, own, batches, batch_size, n_win)
-        return summarise(per_window, n_win, seqlen, bos_id)
-    return summarise(_losses(model, wins, batch_size, device, progress, description), n_win, seqlen, bos_id)
+    per_window = window_losses(wins, batch_size, lambda w, main: _losses(model, w, batch_size, device,
+                                                                          progress if main else None, description))
+    return summarise(per_window, n_win, seqlen, bos_id)
 
 
 def _losses(model: Any, wins: Any, batch_size: int, device: str, progress: Any, description: str) -> list:

@@ -59,20 +59,10 @@ def perplexity_streamed(host: Any, ids: Any, seqlen: int, *, batch_size: int = 1
     windows, batches and result. ``auditor``: an evaluation.audit.Auditor fed each block on the way."""
     wins = windows(ids.long(), seqlen, max_windows, bos_id)
     n_win = wins.shape[0]
-    from owlctl.engine.distributed import current
+    from owlctl.engine.distributed.evaluation import window_losses
 
-    world = current()
-    if world is not None:  # several processes: this rank's batches of windows, losses gathered in order
-        from owlctl.engine.distributed.evaluation import gather_losses, my_windows
-        from owlctl.engine.distributed.world import fingerprint
-
-        mine, batches = my_windows(world, wins, batch_size)  # too many processes: fails alike on every rank
-        with world.work(fingerprint(wins)):
-            own = _streamed_losses(host, mine, batch_size, device, progress if world.main else None, description,
-                                   auditor, activations)
-            per_window = gather_losses(world, own, batches, batch_size, n_win)
-        return summarise(per_window, n_win, seqlen, bos_id)
-    per_window = _streamed_losses(host, wins, batch_size, device, progress, description, auditor, activations)
+    per_window = window_losses(wins, batch_size, lambda w, main: _streamed_losses(
+        host, w, batch_size, device, progress if main else None, description, auditor, activations))
     return summarise(per_window, n_win, seqlen, bos_id)
 
 
