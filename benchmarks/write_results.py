@@ -166,6 +166,9 @@ def memory(doc: dict) -> list[str]:
             ratio = (sum(walls["disk"]) / len(walls["disk"])) / (sum(walls["none"]) / len(walls["none"]))
             out += ["", f"Streamed / in-memory wall time on the built-in model (mean of the interleaved runs): "
                     f"**{ratio:.2f}x**."]
+    if doc.get("note"):
+        out += ["", f"Note: {doc['note']}."]
+    return out
 
 
 def _verdict(ok: bool) -> str:
