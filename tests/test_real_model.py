@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from tiny import assert_same_weights, checkpoint_tensors
 from typer.testing import CliRunner
 
 from owlctl.cli.main import app
@@ -77,15 +78,6 @@ def test_propagation_equals_model_forward_smollm2():
         assert rel_err(got_out[i], want_out[i]) <= 1e-5, f"output of block {i}"
 
 
-def _tensors(path):
-    from safetensors.torch import load_file
-
-    out = {}
-    for f in sorted(path.glob("*.safetensors")):
-        out.update(load_file(f))
-    return out
-
-
 @pytest.mark.parametrize("method,alloc", [("wanda", "owl"), ("sparsegpt", "uniform")])
 def test_streamed_prune_equals_in_memory_builtin(tmp_path, real_profile, method, alloc):
     """--offload disk (weights read block by block) writes the same checkpoint, bit for bit, as --offload none
@@ -97,9 +89,8 @@ def test_streamed_prune_equals_in_memory_builtin(tmp_path, real_profile, method,
         r = runner.invoke(app, ["prune", "builtin:smollm2-135m", "--method", method, *how, "--nsamples", "4",
                                 "--seqlen", "64", "--device", "cpu", "--offload", off, "-o", str(outs[off]), "--json"])
         assert r.exit_code == 0, r.stderr
-    a, b = _tensors(outs["none"]), _tensors(outs["disk"])
-    assert a.keys() == b.keys() and len(a) > 200
-    assert all(a[k].dtype == b[k].dtype and bool((a[k] == b[k]).all()) for k in a)
+    assert len(checkpoint_tensors(outs["none"])) > 200
+    assert_same_weights(outs["none"], outs["disk"])
     if method == "wanda":
         r = runner.invoke(app, ["profile", "builtin:smollm2-135m", "--nsamples", "8", "--seqlen", "128",
                                 "--device", "cpu", "--offload", "disk", "--json"])

@@ -108,3 +108,24 @@ def make_tiny_model(model_type: str, path: Path, seed: int = 0, layers: int = 3,
     model.save_pretrained(path)
     byte_tokenizer(add_bos).save_pretrained(path)
     return path
+
+
+def checkpoint_tensors(path: Path) -> dict:
+    """Every tensor of a checkpoint directory's safetensors files, by name."""
+    from safetensors import safe_open
+
+    out = {}
+    for f in sorted(Path(path).glob("*.safetensors")):
+        with safe_open(str(f), "pt") as h:
+            out.update({k: h.get_tensor(k) for k in h.keys()})
+    return out
+
+
+def assert_same_weights(a: Path, b: Path) -> None:
+    """Two checkpoints hold the same tensor names, dtypes and values, bit for bit."""
+    import torch
+
+    ta, tb = checkpoint_tensors(a), checkpoint_tensors(b)
+    assert sorted(ta) == sorted(tb)
+    for k in ta:
+        assert ta[k].dtype == tb[k].dtype and torch.equal(ta[k], tb[k]), k

@@ -76,12 +76,10 @@ class EvalConfig(ComputeOptions):
 
 
 def _validate(cfg: EvalConfig) -> None:
-    from owlctl.options import Bos, Dtype, check_choice, check_compute, check_device
+    from owlctl.options import Bos, check_choice, check_compute
 
-    check_device(cfg.device)
-    check_choice("--dtype", cfg.dtype, Dtype)
+    check_compute(cfg)  # --device, --dtype, --offload, --offload-activations
     check_choice("--bos", cfg.bos, Bos)
-    check_compute(cfg)
     if cfg.split not in SPLITS:
         hint = "calibration text is never used for evaluation" if cfg.split == "calib" else None
         raise InputError(f"--split must be one of {', '.join(SPLITS)}, got {cfg.split!r}", hint=hint)

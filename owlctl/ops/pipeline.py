@@ -73,13 +73,12 @@ def _plan(cfg: PipelineConfig) -> _Plan:
     from owlctl.engine.models import BUILTIN_MODEL, model_config
     from owlctl.ops.checks import check_owl_knobs, check_seqlen, context_length
     from owlctl.ops.common import calib_defaults
-    from owlctl.options import Bos, Method, Split, check_choice, check_compute, check_device
+    from owlctl.options import Bos, Method, Split, check_choice, check_compute
 
     check_choice("--method", cfg.method, Method)
     check_choice("--eval-split", cfg.eval_split, Split)
     check_choice("--bos", cfg.bos, Bos)
     check_compute(cfg)
-    check_device(cfg.device)
     check_owl_knobs(cfg.outlier_m, cfg.lam)
     if not (isinstance(cfg.target_sparsity, (int, float)) and 0.0 < cfg.target_sparsity < 1.0):
         raise InputError(f"--target-sparsity must be in (0, 1), got {cfg.target_sparsity}")

@@ -27,7 +27,7 @@ def profile(cfg: ProfileConfig, progress: Any = None) -> dict:
     """Load the model and calibration data, profile, and write the profile JSON (when ``output`` is set).
     Returns the profile document (with where it was written and the peak memory)."""
     from owlctl.ops.common import hub_of
-    from owlctl.options import Bos, check_choice, check_compute, check_device, finite
+    from owlctl.options import Bos, check_choice, check_compute, finite
 
     ms = tuple(sorted(set(cfg.outlier_m)))
     if not ms:
@@ -36,9 +36,8 @@ def profile(cfg: ProfileConfig, progress: Any = None) -> dict:
         finite("--outlier-m", m, lo=0.0, lo_open=True)
     if cfg.batch_size < 1:
         raise InputError("--batch-size must be >= 1")
-    check_device(cfg.device)
+    check_compute(cfg)  # --device, --dtype, --offload, --offload-activations
     check_choice("--bos", cfg.bos, Bos)
-    check_compute(cfg)
     from owlctl.engine.distributed import reporting, session
 
     with hub_of(cfg), session("profile", cfg) as world:  # several processes: rank 0 writes and reports

@@ -72,7 +72,6 @@ def _validate(cfg: PruneConfig) -> None:
         WandaGroup,
         check_choice,
         check_compute,
-        check_device,
         finite,
     )
 
@@ -82,7 +81,6 @@ def _validate(cfg: PruneConfig) -> None:
     check_choice("--wanda-group", cfg.wanda_group, WandaGroup)
     check_choice("--bos", cfg.bos, Bos)
     check_compute(cfg)
-    check_device(cfg.device)
     chosen = [x for x in (cfg.allocation is not None, cfg.from_profile is not None, cfg.uniform) if x]
     if len(chosen) != 1:
         raise InputError("choose exactly one allocation: --allocation FILE, --from-profile PROFILE, or --uniform",

@@ -10,6 +10,7 @@ import json
 import pytest
 import torch
 from safetensors import safe_open
+from tiny import assert_same_weights, checkpoint_tensors
 
 from owlctl.engine.models.hosts import Streamed
 from owlctl.errors import ModelError
@@ -19,21 +20,6 @@ from owlctl.ops.prune import PruneConfig, prune
 FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "opt", "gpt_neox",
             "gemma3_text-hybrid", "llama-tied"]
 CAL = dict(nsamples=4, seqlen=32, device="cpu", batch_size=2)
-
-
-def _tensors(path) -> dict:
-    out = {}
-    for f in sorted(path.glob("*.safetensors")):
-        with safe_open(str(f), "pt") as h:
-            out.update({k: h.get_tensor(k) for k in h.keys()})
-    return out
-
-
-def _assert_same_weights(a, b):
-    ta, tb = _tensors(a), _tensors(b)
-    assert sorted(ta) == sorted(tb)
-    for k in ta:
-        assert ta[k].dtype == tb[k].dtype and torch.equal(ta[k], tb[k]), k
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -80,8 +66,8 @@ def test_streamed_checkpoint_is_bit_identical(tiny_models, text_file, tmp_path, 
         out[off] = tmp_path / off
         prune(PruneConfig(model=str(model), output=out[off], method=method, calib=str(text_file), offload=off,
                           **kw, **CAL))
-    _assert_same_weights(out["none"], out["disk"])
-    assert _tensors(out["none"]).keys() == _tensors(model).keys()  # the source's tensor names, nothing more
+    assert_same_weights(out["none"], out["disk"])
+    assert checkpoint_tensors(out["none"]).keys() == checkpoint_tensors(model).keys()  # the source's tensor names, nothing more
     rep = [json.loads((out[o] / "owlctl-report.json").read_text())["blocks"] for o in ("none", "disk")]
     assert rep[0] == rep[1]
 
@@ -97,8 +83,8 @@ def test_streamed_prune_of_other_families_loads_in_transformers(tiny_models, tex
         out[off] = tmp_path / off
         prune(PruneConfig(model=str(src), output=out[off], method="wanda", uniform=True, target_sparsity=0.5,
                           calib=str(text_file), offload=off, **CAL))
-    _assert_same_weights(out["none"], out["disk"])
-    assert sorted(_tensors(out["disk"])) == sorted(_tensors(src))
+    assert_same_weights(out["none"], out["disk"])
+    assert sorted(checkpoint_tensors(out["disk"])) == sorted(checkpoint_tensors(src))
     m = AutoModelForCausalLM.from_pretrained(out["disk"]).eval()
     q = m.get_submodule(f"{'gpt_neox' if family == 'gpt_neox' else 'model'}.layers.0").mlp
     lin = q.dense_h_to_4h if family == "gpt_neox" else q.up_proj
@@ -119,7 +105,7 @@ def test_sharded_checkpoint_loads_and_matches(tiny_llama, text_file, tmp_path, m
     assert len(files) > 2 and files[0] == f"model-00001-of-{len(files):05d}.safetensors"
     index = json.loads((out / "model.safetensors.index.json").read_text())
     assert set(index["weight_map"].values()) == set(files)
-    tensors = _tensors(out)
+    tensors = checkpoint_tensors(out)
     assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in tensors.values())
     m = AutoModelForCausalLM.from_pretrained(out)
     for k, v in m.state_dict().items():
@@ -148,7 +134,7 @@ def test_offloaded_activations_give_the_same_checkpoint(tiny_llama, text_file, t
         out[p] = tmp_path / p
         prune(PruneConfig(model=str(tiny_llama), output=out[p], method="sparsegpt", uniform=True,
                           target_sparsity=0.5, calib=str(text_file), offload="disk", offload_activations=p, **CAL))
-    _assert_same_weights(out["device"], out[place])
+    assert_same_weights(out["device"], out[place])
 
 
 def test_disk_activations_are_removed(tiny_llama, text_file, tmp_path, monkeypatch):
